@@ -1,0 +1,127 @@
+"""Encoders (ResNets), projection heads, and the glue that turns any Flax model into an apply_fn.
+
+The apply_fn signature every step in jaxssl takes:
+
+    apply_fn(params, batch_stats, images, *, train) -> (outputs, new_batch_stats)
+
+    images:  [N, H, W, C] float
+    outputs: {"projection": [N, D] (the contrastive embedding), "features": [N, F] (optional,
+              the backbone representation used by probes)}
+    new_batch_stats: the updated BatchNorm statistics pytree (the input one when not training
+              or when the model has none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxssl.models.heads import ProjectionHead
+from jaxssl.models.resnet import (
+    FEATURE_DIMS,
+    BasicBlock,
+    Bottleneck,
+    ResNet,
+    ResNet18,
+    ResNet34,
+    ResNet50,
+)
+
+__all__ = [
+    "ENCODERS",
+    "FEATURE_DIMS",
+    "BasicBlock",
+    "Bottleneck",
+    "ContrastiveModel",
+    "ProjectionHead",
+    "ResNet",
+    "ResNet18",
+    "ResNet34",
+    "ResNet50",
+    "create_model",
+    "flax_apply_fn",
+    "init_variables",
+]
+
+ENCODERS = {"resnet18": ResNet18, "resnet34": ResNet34, "resnet50": ResNet50}
+
+
+class ContrastiveModel(nn.Module):
+    """Backbone + projection head: images [N, H, W, C] -> {"features", "projection"} float32."""
+
+    backbone: nn.Module
+    head: nn.Module
+
+    def __call__(self, x, train: bool = True):
+        features = self.backbone(x, train=train)
+        return {"features": features, "projection": self.head(features, train=train)}
+
+
+def create_model(
+    encoder: str = "resnet50",
+    *,
+    cifar_stem: bool = False,
+    width: int = 64,
+    zero_init_last_bn: bool = False,
+    head_hidden_dims: Sequence[int] = (2048,),
+    out_dim: int = 128,
+    output_bn: bool = False,
+    bn_axis_name: str | None = None,
+    dtype: Any = jnp.float32,
+) -> ContrastiveModel:
+    """A ResNet from `ENCODERS` with a `ProjectionHead`. Arguments as in `ResNet`/`ProjectionHead`."""
+    if encoder not in ENCODERS:
+        raise ValueError(f"unknown encoder {encoder!r}; choose one of {sorted(ENCODERS)}")
+    backbone = ENCODERS[encoder](
+        width=width,
+        cifar_stem=cifar_stem,
+        zero_init_last_bn=zero_init_last_bn,
+        bn_axis_name=bn_axis_name,
+        dtype=dtype,
+    )
+    head = ProjectionHead(
+        hidden_dims=tuple(head_hidden_dims),
+        out_dim=out_dim,
+        output_bn=output_bn,
+        bn_axis_name=bn_axis_name,
+        dtype=dtype,
+    )
+    return ContrastiveModel(backbone=backbone, head=head)
+
+
+def init_variables(module: nn.Module, key: jax.Array, image_shape: Sequence[int]):
+    """Initialise a Flax module on zeros of `image_shape` ([N, H, W, C]) in eval mode.
+
+    Eval mode means BatchNorm needs no mesh axis at init. Returns (params, batch_stats);
+    batch_stats is {} for a module without BatchNorm.
+    """
+    variables = module.init(key, jnp.zeros(image_shape, jnp.float32), train=False)
+    return variables["params"], variables.get("batch_stats", {})
+
+
+def flax_apply_fn(module: nn.Module) -> Callable:
+    """An apply_fn (signature in this module's docstring) for any Flax Linen module.
+
+    The module is called as `module(images, train=...)` and may return a dict with
+    "projection" (and optionally "features") or a bare [N, D] array, taken as the projection.
+    """
+
+    def apply_fn(params, batch_stats, images, *, train: bool):
+        variables = {"params": params}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+        if train and batch_stats:
+            out, mutated = module.apply(variables, images, train=True, mutable=["batch_stats"])
+            new_batch_stats = mutated["batch_stats"]
+        else:
+            out = module.apply(variables, images, train=train)
+            new_batch_stats = batch_stats
+        if not isinstance(out, Mapping):
+            out = {"projection": out}
+        return dict(out), new_batch_stats
+
+    return apply_fn
