@@ -1,0 +1,34 @@
+"""The README's example and test command are real: run the one, check the other is CI's."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _block(marker):
+    m = re.search(rf"<!-- {marker} -->\s*```[a-z]*\n(.*?)```", README, re.S)
+    assert m, f"README has no code block after <!-- {marker} -->"
+    return m.group(1)
+
+
+def test_readme_example_runs(tmp_path):
+    script = tmp_path / "example.py"
+    script.write_text(_block("example"))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("info_nce:")
+    assert [line.split()[0] for line in lines[1:]] == ["1", "2", "3"]
+
+
+def test_ci_runs_the_readme_test_command():
+    command = _block("test-command").strip()
+    assert "pytest" in command
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "test-command" in ci, ".ci/run must take its command from the README"
