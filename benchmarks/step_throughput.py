@@ -1,0 +1,167 @@
+"""Throughput of one compiled SimCLR training step, jaxssl against the same step in PyTorch.
+
+Both frameworks get the same model topology (torchvision ResNet, MLP head 2048 -> 128 with BN),
+batch, loss (NT-Xent over 2B views, temperature 0.2), optimizer (SGD, momentum 0.9) and
+precision (bfloat16 compute, float32 parameters), on random data already on the device. One
+framework per process, so neither holds the other's memory.
+
+    python benchmarks/step_throughput.py --framework jax --model resnet50
+    python benchmarks/step_throughput.py --framework torch --model resnet18_cifar
+    python benchmarks/step_throughput.py --framework jax --model resnet18_cifar --tiny  # CPU smoke
+
+Prints one JSON line: images/s (an image = its two views, forward and backward), step time,
+and for ResNet-50 the model-FLOPs utilisation against the accelerator's bfloat16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+MODELS = {
+    # name: (encoder, cifar_stem, image side, batch)
+    "resnet50": ("resnet50", False, 224, 256),
+    "resnet18_cifar": ("resnet18", True, 32, 512),
+}
+# Forward GFLOP per view (multiply-add = 2 FLOPs); training counts 3x (forward + backward).
+FORWARD_GFLOP = {"resnet50": 8.2, "resnet18_cifar": 1.11}
+# Dense bfloat16 peak, TFLOP/s, by device kind substring.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+TEMPERATURE = 0.2
+LR = 0.1
+
+
+def bench_jax(args, side, batch, encoder, cifar_stem):
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxssl import models, optim, parallel, state, steps
+
+    mesh = parallel.make_mesh()
+    bn = parallel.BN_MODES["global"]
+    model = models.create_model(
+        encoder, cifar_stem=cifar_stem, width=args.width, head_hidden_dims=(2048,), out_dim=128,
+        bn_axis_name=bn.model_axis_name, dtype=jnp.bfloat16)
+    params, batch_stats = models.init_variables(model, jax.random.key(0), (1, side, side, 3))
+    tx = optim.make_optimizer("sgd", LR, momentum=0.9, weight_decay=1e-6)
+    st = jax.device_put(state.create_train_state(params, batch_stats, tx), parallel.replicated(mesh))
+    step = parallel.compile_step(functools.partial(
+        steps.simclr_step, apply_fn=models.flax_apply_fn(model), tx=tx, temperature=TEMPERATURE,
+        average_batch_stats=bn.average_batch_stats), mesh)
+    rng = np.random.default_rng(0)
+    views = parallel.host_to_global(
+        tuple(rng.normal(size=(2, batch, side, side, 3)).astype(np.float32)), mesh)
+    key = jax.random.key(0)
+    t0 = time.perf_counter()
+    st, m = step(st, views, key)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        st, m = step(st, views, key)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        st, m = step(st, views, key)
+    jax.block_until_ready(m)
+    elapsed = time.perf_counter() - t0
+    loss = float(m["train/loss"])
+    return elapsed, compile_s, loss, jax.devices()[0].device_kind, jax.__version__
+
+
+def bench_torch(args, side, batch, encoder, cifar_stem):
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    import torchvision
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backbone = getattr(torchvision.models, encoder)(width_per_group=64)
+    if args.width != 64:
+        raise SystemExit("--width applies to jax only; torchvision ResNets have width 64")
+    if cifar_stem:
+        backbone.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        backbone.maxpool = nn.Identity()
+    features = backbone.fc.in_features
+    backbone.fc = nn.Identity()
+    head = nn.Sequential(nn.Linear(features, 2048, bias=False), nn.BatchNorm1d(2048),
+                         nn.ReLU(inplace=True), nn.Linear(2048, 128))
+    net = nn.Sequential(backbone, head).to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9, weight_decay=1e-6)
+    compiled = torch.compile(net) if device == "cuda" or args.torch_compile_cpu else net
+    labels = torch.cat([torch.arange(batch, 2 * batch), torch.arange(batch)]).to(device)
+
+    def step(x1, x2):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            z = compiled(torch.cat([x1, x2]))
+        z = F.normalize(z.float(), dim=1)
+        sim = z @ z.T / TEMPERATURE
+        sim.fill_diagonal_(float("-inf"))
+        loss = F.cross_entropy(sim, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    x = torch.randn(2, batch, 3, side, side, device=device)
+    x1 = x[0].contiguous(memory_format=torch.channels_last)
+    x2 = x[1].contiguous(memory_format=torch.channels_last)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    loss = step(x1, x2)
+    sync()
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        loss = step(x1, x2)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step(x1, x2)
+    sync()
+    elapsed = time.perf_counter() - t0
+    kind = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    return elapsed, compile_s, float(loss.detach()), kind, torch.__version__
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--framework", choices=["jax", "torch"], required=True)
+    p.add_argument("--model", choices=sorted(MODELS), required=True)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch", type=int, help="global batch (default: 256 for ResNet-50, 512 CIFAR)")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test: 2 steps, small images and width")
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--torch-compile-cpu", action="store_true")
+    args = p.parse_args()
+    encoder, cifar_stem, side, batch = MODELS[args.model]
+    batch = args.batch or batch
+    if args.tiny:
+        side, batch, args.steps, args.warmup = 32, 8, 2, 1
+        if args.framework == "jax":
+            args.width = 8
+    bench = bench_jax if args.framework == "jax" else bench_torch
+    elapsed, compile_s, loss, kind, version = bench(args, side, batch, encoder, cifar_stem)
+    step_s = elapsed / args.steps
+    result = {
+        "framework": args.framework, "version": version, "model": args.model, "device": kind,
+        "batch": batch, "image": side, "steps": args.steps, "step_ms": round(1000 * step_s, 3),
+        "images_per_s": round(batch / step_s, 1), "compile_s": round(compile_s, 1),
+        "final_loss": round(loss, 4),
+    }
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
+    if peak and not args.tiny:
+        flops = 3 * FORWARD_GFLOP[args.model] * 1e9 * 2 * batch  # 2 views per image
+        result["mfu"] = round(flops / step_s / (peak * 1e12), 4)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
