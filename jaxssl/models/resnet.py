@@ -52,8 +52,8 @@ def _norm(train: bool, axis_name: str | None, dtype: Dtype, name: str,
     )
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions (ResNet-18/34). x: [N, H, W, C] -> [N, H/s, W/s, features]."""
+class _Block(nn.Module):
+    """Fields shared by the residual blocks; `features` is the width of the inner convolutions."""
 
     features: int
     stride: int
@@ -62,36 +62,37 @@ class BasicBlock(nn.Module):
     zero_init_last_bn: bool
     dtype: Dtype
 
-    expansion = 1
+    def _norm(self, name: str, zero_init: bool = False) -> nn.BatchNorm:
+        return _norm(self.train, self.bn_axis_name, self.dtype, name, zero_init)
+
+    def _shortcut(self, x, out: int):
+        if self.stride != 1 or x.shape[-1] != out:
+            x = _conv(out, 1, self.stride, "downsample_conv", self.dtype)(x)
+            x = self._norm("downsample_bn")(x)
+        return x
+
+
+class BasicBlock(_Block):
+    """Two 3x3 convolutions (ResNet-18/34). x: [N, H, W, C] -> [N, H/s, W/s, features]."""
 
     @nn.compact
     def __call__(self, x):
-        norm = functools.partial(_norm, self.train, self.bn_axis_name, self.dtype)
+        norm = self._norm
         y = _conv(self.features, 3, self.stride, "conv1", self.dtype)(x)
         y = nn.relu(norm("bn1")(y))
         y = _conv(self.features, 3, 1, "conv2", self.dtype)(y)
         y = norm("bn2", self.zero_init_last_bn)(y)
-        if self.stride != 1 or x.shape[-1] != self.features:
-            x = _conv(self.features, 1, self.stride, "downsample_conv", self.dtype)(x)
-            x = norm("downsample_bn")(x)
-        return nn.relu(x + y)
+        return nn.relu(self._shortcut(x, self.features) + y)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
     """1x1 -> 3x3 (strided) -> 1x1 x4 (ResNet-50). x: [N, H, W, C] -> [N, H/s, W/s, 4*features]."""
-
-    features: int
-    stride: int
-    train: bool
-    bn_axis_name: str | None
-    zero_init_last_bn: bool
-    dtype: Dtype
 
     expansion = 4
 
     @nn.compact
     def __call__(self, x):
-        norm = functools.partial(_norm, self.train, self.bn_axis_name, self.dtype)
+        norm = self._norm
         out = self.features * self.expansion
         y = _conv(self.features, 1, 1, "conv1", self.dtype)(x)
         y = nn.relu(norm("bn1")(y))
@@ -99,10 +100,7 @@ class Bottleneck(nn.Module):
         y = nn.relu(norm("bn2")(y))
         y = _conv(out, 1, 1, "conv3", self.dtype)(y)
         y = norm("bn3", self.zero_init_last_bn)(y)
-        if self.stride != 1 or x.shape[-1] != out:
-            x = _conv(out, 1, self.stride, "downsample_conv", self.dtype)(x)
-            x = norm("downsample_bn")(x)
-        return nn.relu(x + y)
+        return nn.relu(self._shortcut(x, out) + y)
 
 
 class ResNet(nn.Module):
