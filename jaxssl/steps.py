@@ -15,18 +15,23 @@ import optax
 from jaxssl.losses import info_nce_with_accuracy
 from jaxssl.state import TrainState
 
-__all__ = ["simclr_step", "step_key"]
+__all__ = ["simclr_step", "example_keys"]
 
 
-def step_key(key: jax.Array, step: jax.Array, axis_name: str | None = None) -> jax.Array:
-    """This step's (and this device's) key: fold_in(key, step), then the device index.
+def example_keys(key: jax.Array, step: jax.Array, batch_size: int,
+                 axis_name: str | None = None) -> jax.Array:
+    """One key per local example: fold_in(fold_in(key, step), global example position).
 
-    Nothing random lives on the host between steps, so a resumed run draws the same numbers.
+    batch_size is the local batch; under shard_map the global position of local row i is
+    axis_index * batch_size + i, so the keys, and hence the augmentations, depend only on the
+    root key, the step and the example's place in the global batch, not on how many devices
+    share it. Nothing random lives on the host between steps, so a resumed run draws the same
+    numbers. Returns [batch_size] keys.
     """
-    key = jax.random.fold_in(key, step)
-    if axis_name is not None:
-        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-    return key
+    step_key = jax.random.fold_in(key, step)
+    offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * batch_size
+    positions = offset + jnp.arange(batch_size, dtype=jnp.int32)
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, positions)
 
 
 def _global_norm(tree) -> jax.Array:
@@ -54,7 +59,8 @@ def simclr_step(
       views: (x1, x2), each [b, H, W, C] float: two augmented views of the same b images (the
         local shard of the global batch inside shard_map). With `augment_fn`, raw images
         [b, H, W, C] (any dtype augment_fn accepts) instead.
-      key: root PRNG key; this step's key is fold_in(key, state.step) (and the device index).
+      key: root PRNG key; each example's key is derived from it, the step and the example's
+        global position (`example_keys`).
       apply_fn: `apply_fn(params, batch_stats, images, *, train) -> (outputs, new_batch_stats)`,
         outputs["projection"]: [N, D]; see `jaxssl.models.flax_apply_fn`.
       tx: optax transformation; its state is state.opt_state.
@@ -64,14 +70,16 @@ def simclr_step(
       average_batch_stats: with per-device BatchNorm (BN_MODES["local"]), average the new
         running statistics over axis_name so the state stays identical on all devices. Leave
         False for global BN, whose statistics are already identical.
-      augment_fn: optional `augment_fn(images, key) -> (x1, x2)` run on the device.
+      augment_fn: optional `augment_fn(batch, keys) -> (x1, x2)` run on the device, keys [b]
+        one per local example (e.g. `jaxssl.data.augment_jax.make_device_augment`).
 
     Returns:
       (new_state, metrics) with float32 scalar metrics "train/loss",
       "train/contrastive_top1" and "train/grad_norm", equal on every device.
     """
     if augment_fn is not None:
-        views = augment_fn(views, step_key(key, state.step, axis_name))
+        b = jax.tree.leaves(views)[0].shape[0]
+        views = augment_fn(views, example_keys(key, state.step, b, axis_name))
     x1, x2 = views
     if x1.shape != x2.shape:
         raise ValueError(f"the two views must have the same shape; got {x1.shape} and {x2.shape}")

@@ -87,8 +87,8 @@ def test_any_flax_model_and_plain_apply_fn():
 def test_augment_fn_gets_a_key_per_step():
     seen = []
 
-    def augment(images, key):
-        noise = jax.random.normal(key, images.shape)
+    def augment(images, keys):
+        noise = jax.vmap(lambda k: jax.random.normal(k, images.shape[1:]))(keys)
         return images + noise, images - noise
 
     def apply_fn(p, bs, images, *, train):
@@ -108,20 +108,23 @@ def test_augment_fn_gets_a_key_per_step():
     assert float(again["train/loss"]) == seen[0], "same step and key: same augmentations"
 
 
-def test_step_key_differs_per_device_and_step():
+def test_example_keys_follow_global_position_not_device_count():
     mesh = parallel.make_mesh()
 
     def bits(step):
-        k = steps.step_key(jax.random.key(3), step, parallel.DATA_AXIS)
-        return jax.random.bits(k, (1,))
+        keys = steps.example_keys(jax.random.key(3), step, 2, parallel.DATA_AXIS)
+        return jax.vmap(lambda k: jax.random.bits(k, ()))(keys)
 
-    f = jax.jit(jax.shard_map(bits, mesh=mesh, in_specs=P(), out_specs=P(parallel.DATA_AXIS)))
-    b5 = np.asarray(f(jnp.int32(5)))
-    assert len(set(b5.tolist())) == 8
-    expected = [int(jax.random.bits(jax.random.fold_in(jax.random.fold_in(jax.random.key(3), 5), d), (1,))[0])
-                for d in range(8)]
+    sharded = jax.jit(jax.shard_map(bits, mesh=mesh, in_specs=P(), out_specs=P(parallel.DATA_AXIS)))
+    b5 = np.asarray(sharded(jnp.int32(5)))  # 8 devices x 2 examples
+    single = jax.vmap(lambda k: jax.random.bits(k, ()))(
+        steps.example_keys(jax.random.key(3), jnp.int32(5), 16))
+    np.testing.assert_array_equal(b5, np.asarray(single))
+    assert len(set(b5.tolist())) == 16
+    expected = [int(jax.random.bits(jax.random.fold_in(jax.random.fold_in(jax.random.key(3), 5), i), ()))
+                for i in range(16)]
     assert b5.tolist() == expected
-    assert not set(np.asarray(f(jnp.int32(6))).tolist()) & set(b5.tolist())
+    assert not set(np.asarray(sharded(jnp.int32(6))).tolist()) & set(b5.tolist())
 
 
 def test_mismatched_views_raise():

@@ -1,0 +1,23 @@
+"""The one place jaxssl imports TensorFlow: lazily, with accelerators hidden from it."""
+
+from __future__ import annotations
+
+import functools
+
+
+@functools.cache
+def tf():
+    """The tensorflow module, configured so it never takes GPU or TPU memory from JAX."""
+    try:
+        import tensorflow as tf_module
+    except ImportError as e:  # a GPU host may have no TensorFlow at all
+        raise ImportError(
+            "this data path needs TensorFlow (pip install tensorflow-cpu); without it use the "
+            "in-memory arrays path with device augmentation (augment='device')"
+        ) from e
+    try:
+        tf_module.config.set_visible_devices([], "GPU")
+        tf_module.config.set_visible_devices([], "TPU")
+    except (RuntimeError, ValueError):
+        pass  # already initialised or no such device type: nothing to hide
+    return tf_module
