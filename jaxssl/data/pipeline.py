@@ -1,0 +1,223 @@
+"""The input pipeline: which examples make each step's batch, and how they become two views.
+
+Stateless by construction: the examples of step s are a pure function of (seed, s) — epoch
+e = s // steps_per_epoch is a permutation of the dataset drawn from (seed, e), and step s takes
+its slice of it — and every random number of an example's augmentation comes from a seed made
+of (seed, s, its global position). So the pipeline restarts at any step with no iterator state
+to checkpoint, and a resumed run sees exactly the data an uninterrupted one would.
+
+Each process takes a disjoint, contiguous part of every global batch (global_batch //
+process_count rows), so the processes together see each example once per epoch. The remainder
+of an epoch (num_examples % global_batch examples, different each epoch) is dropped.
+
+Modes: "host" (all augmentation in tf.data), "split" (crop and flip in tf.data, colour and blur
+on the device), "device" (uint8 images straight from memory, all augmentation on the device;
+no TensorFlow needed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import queue
+import threading
+from typing import Any, Iterator
+
+import numpy as np
+
+from jaxssl.data.recipes import HOST_OPS, Recipe
+
+__all__ = ["BatchPlan", "epoch_permutation", "make_pipeline", "MODES"]
+
+MODES = ("host", "split", "device")
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    """The order of the dataset in one epoch: int64 [num_examples]."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """Which examples each process reads at each step."""
+
+    num_examples: int
+    global_batch: int
+    seed: int
+    process_index: int = 0
+    process_count: int = 1
+
+    def __post_init__(self):
+        if self.process_count < 1 or not 0 <= self.process_index < self.process_count:
+            raise ValueError(f"process_index {self.process_index} is not in [0, {self.process_count})")
+        if self.global_batch <= 0 or self.global_batch % self.process_count:
+            raise ValueError(
+                f"the global batch size ({self.global_batch}) must be a positive multiple of the "
+                f"number of processes ({self.process_count})")
+        if self.num_examples < self.global_batch:
+            raise ValueError(
+                f"the dataset has {self.num_examples} examples, fewer than one global batch "
+                f"({self.global_batch}); lower batch_size")
+
+    @property
+    def local_batch(self) -> int:
+        return self.global_batch // self.process_count
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_examples // self.global_batch
+
+    def epoch(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def global_positions(self) -> np.ndarray:
+        """Positions of this process's rows within a global batch: int64 [local_batch]."""
+        return self.process_index * self.local_batch + np.arange(self.local_batch)
+
+    def indices(self, step: int) -> np.ndarray:
+        """Dataset indices of this process's rows at `step`: int64 [local_batch]."""
+        epoch, j = divmod(int(step), self.steps_per_epoch)
+        order = epoch_permutation(self.seed, epoch, self.num_examples)
+        return order[j * self.global_batch + self.global_positions()]
+
+    def example_seeds(self, step: int) -> np.ndarray:
+        """One stateless seed per row: int64 [local_batch, 2] = (seed, step * G + position)."""
+        ids = int(step) * self.global_batch + self.global_positions()
+        return np.stack([np.full_like(ids, self.seed), ids], axis=1).astype(np.int64)
+
+
+def _prefetch(iterator: Iterator, depth: int) -> Iterator:
+    """Run `iterator` in a background thread, `depth` items ahead."""
+    if depth <= 0:
+        yield from iterator
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def worker():
+        try:
+            for item in iterator:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # surfaced in the consumer, not lost in the thread
+            q.put(e)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def _steps(start_step: int, num_steps: int | None):
+    step = start_step
+    while num_steps is None or step < start_step + num_steps:
+        yield step
+        step += 1
+
+
+def _device_batches(source, plan: BatchPlan, start_step: int, num_steps: int | None):
+    if source.images is None:
+        raise ValueError(
+            f"augment='device' needs the images in memory as one array; source {source.name!r} "
+            "is read from files: use augment='host' or 'split'")
+    for step in _steps(start_step, num_steps):
+        idx = plan.indices(step)
+        batch = {"images": source.images[idx]}
+        if source.labels is not None:
+            batch["labels"] = source.labels[idx]
+        yield batch
+
+
+def _host_dataset(source, plan: BatchPlan, *, recipe: Recipe, out_size: int, mode: str,
+                  start_step: int, num_steps: int | None, threads: int | None):
+    from jaxssl.data import augment_tf
+    from jaxssl.data.tf_import import tf
+
+    T = tf()
+    labelled = source.labels is not None
+
+    def rows():
+        # Yields this process's rows step by step, in order; decoding files happens here, in a
+        # thread pool inside source.read, so tf.data only sees uint8 arrays.
+        for step in _steps(start_step, num_steps):
+            idx = plan.indices(step)
+            seeds = plan.example_seeds(step)
+            images = source.images[idx] if source.images is not None else source.read(idx)
+            labels = source.labels[idx] if labelled else np.zeros(len(idx), np.int32)
+            for image, seed, label in zip(images, seeds, labels):
+                yield image, seed, np.int32(label)
+
+    ds = T.data.Dataset.from_generator(
+        rows,
+        output_signature=(
+            T.TensorSpec((None, None, 3), T.uint8),
+            T.TensorSpec((2,), T.int64),
+            T.TensorSpec((), T.int32),
+        ),
+    )
+
+    def augment(image, seed, label):
+        v1, v2 = augment_tf.two_views(image, seed, recipe, out_size, mode, source.mean, source.std)
+        return (v1, v2), label
+
+    options = T.data.Options()
+    options.deterministic = True  # parallel map, but outputs in order: batches are reproducible
+    if threads:
+        options.threading.private_threadpool_size = threads
+    ds = ds.with_options(options)
+    ds = ds.map(augment, num_parallel_calls=threads or T.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(plan.local_batch, drop_remainder=True).prefetch(T.data.AUTOTUNE)
+    for (v1, v2), labels in ds.as_numpy_iterator():
+        batch = {"views": (v1, v2)}
+        if labelled:
+            batch["labels"] = labels
+        yield batch
+
+
+def make_pipeline(
+    source: Any,
+    *,
+    global_batch: int,
+    seed: int,
+    mode: str = "device",
+    recipe: Recipe | None = None,
+    out_size: int | None = None,
+    start_step: int = 0,
+    num_steps: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    prefetch: int = 2,
+    threads: int | None = None,
+) -> Iterator[dict]:
+    """Batches for steps start_step, start_step + 1, ... (num_steps of them, or forever).
+
+    Each batch is a dict of numpy arrays holding this process's rows ([local_batch, ...]):
+      mode "device": "images" uint8 [b, H, W, 3] (the step augments them);
+      mode "host":   "views" (v1, v2), float32 [b, S, S, 3], normalised;
+      mode "split":  "views" (v1, v2), uint8 [b, S, S, 3], cropped and flipped;
+    plus "labels" int32 [b] when the source has labels. S = out_size.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown augmentation mode {mode!r}; choose one of {list(MODES)}")
+    plan = BatchPlan(source.num_examples, global_batch, seed, process_index, process_count)
+    if mode == "device":
+        batches = _device_batches(source, plan, start_step, num_steps)
+    else:
+        if recipe is None or out_size is None:
+            raise ValueError(f"mode {mode!r} augments on the host: pass recipe and out_size")
+        assert HOST_OPS[mode]
+        batches = _host_dataset(source, plan, recipe=recipe, out_size=out_size, mode=mode,
+                                start_step=start_step, num_steps=num_steps, threads=threads)
+    return _prefetch(batches, prefetch)
