@@ -17,6 +17,7 @@ RNG = np.random.default_rng(0)
 IMG = RNG.uniform(size=(13, 17, 3))  # odd, non-square on purpose
 IMG32 = IMG.astype(np.float32)
 ATOL = 2e-6  # float32 against float64
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 
 @pytest.mark.parametrize("f", [0.0, 0.4, 1.0, 1.7])
@@ -135,6 +136,18 @@ def test_device_augment_shapes_and_determinism(name):
     assert not np.allclose(x1, x2), "the two views must differ"
     z1, _ = aug(images, jax.random.split(jax.random.key(1), 4))
     assert not np.allclose(x1, z1)
+
+
+def test_jit_vmap_equals_one_image_at_a_time():
+    # Regression: XLA:CPU once corrupted pixels of jit(vmap(...)) of the colour stage.
+    recipe = recipes.get_recipe("simclr")
+    image = RNG.integers(0, 256, size=(56, 64, 3), dtype=np.uint8)
+    keys = jax.random.split(jax.random.key(5), 6)
+    batched = jax.jit(jax.vmap(lambda k: A.augment_view(k, image, recipe.view1, 40,
+                                                         recipes.DEVICE_OPS["device"], MEAN, STD)))(keys)
+    for k, out in zip(keys, batched):
+        one = A.augment_view(k, image, recipe.view1, 40, recipes.DEVICE_OPS["device"], MEAN, STD)
+        np.testing.assert_allclose(out, one, atol=1e-4)
 
 
 def test_split_mode_takes_two_host_views_and_skips_geometry():

@@ -49,7 +49,7 @@ def crop_resize(image, y0, x0, h, w, out_h: int, out_w: int):
     H, W = image.shape[:2]
     y_lo, y_hi, fy = _axis_coords(jnp.asarray(y0, jnp.int32), jnp.asarray(h, jnp.int32), H, out_h)
     x_lo, x_hi, fx = _axis_coords(jnp.asarray(x0, jnp.int32), jnp.asarray(w, jnp.int32), W, out_w)
-    img = image.astype(jnp.float32)
+    img = jnp.asarray(image, jnp.float32)
     top, bottom = img[y_lo], img[y_hi]  # [out_h, W, C]
     fx = fx[None, :, None]
     top = top[:, x_lo] * (1 - fx) + top[:, x_hi] * fx
@@ -83,21 +83,24 @@ def _rgb_to_hsv(x):
     safe_delta = jnp.where(delta > 0, delta, 1.0)
     s = jnp.where(v > 0, delta / jnp.where(v > 0, v, 1.0), 0.0)
     rc, gc, bc = (v - r) / safe_delta, (v - g) / safe_delta, (v - b) / safe_delta
-    h = jnp.where(r == v, bc - gc, jnp.where(g == v, 2.0 + rc - bc, 4.0 + gc - rc))
+    # The sector from argmax, not from `r == v`: XLA may fuse the producer of x into the max and
+    # into r separately and round them differently, and a float equality then picks the wrong
+    # sector (seen on XLA:CPU under jit(vmap) after the crop's gather). argmax keeps the
+    # first-maximum tie rule of colorsys.
+    sector = jnp.argmax(x, axis=-1)
+    h = jnp.where(sector == 0, bc - gc, jnp.where(sector == 1, 2.0 + rc - bc, 4.0 + gc - rc))
     h = jnp.where(delta > 0, (h / 6.0) % 1.0, 0.0)
     return h, s, v
 
 
 def _hsv_to_rgb(h, s, v):
-    h6 = h * 6.0
-    i = jnp.floor(h6)
-    f = h6 - i
-    i = i.astype(jnp.int32) % 6
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    r = jnp.choose(i, [v, q, p, p, t, v], mode="clip")
-    g = jnp.choose(i, [t, v, v, q, p, p], mode="clip")
-    b = jnp.choose(i, [p, p, t, v, v, q], mode="clip")
-    return jnp.stack([r, g, b], axis=-1)
+    # Branch-free form of the sector formula: channel n in (R, G, B) = (5, 3, 1) is
+    # v - v s clip(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6.
+    def channel(n):
+        k = (n + 6.0 * h) % 6.0
+        return v - v * s * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
+
+    return jnp.stack([channel(5.0), channel(3.0), channel(1.0)], axis=-1)
 
 
 def adjust_hue(x, d):
@@ -175,7 +178,11 @@ def _colour(key, x, view: ViewRecipe):
     ]
     jittered = x
     for position in range(4):  # the four ops in a random order, as SimCLR
-        jittered = jax.lax.switch(order[position], branches, jittered)
+        # A where-chain rather than lax.switch: under vmap both evaluate every branch.
+        outs = [branch(jittered) for branch in branches]
+        choice = order[position]
+        jittered = jnp.where(choice == 0, outs[0], jnp.where(
+            choice == 1, outs[1], jnp.where(choice == 2, outs[2], outs[3])))
     x = jnp.where(jax.random.bernoulli(keys[5], view.jitter_prob), jittered, x)
     return jnp.where(jax.random.bernoulli(keys[6], view.grayscale_prob), to_grayscale(x), x)
 
@@ -192,7 +199,7 @@ def augment_view(key, image, view: ViewRecipe, out_size: int, ops: Sequence[str]
     else:
         y0, x0, h, w = 0, 0, H, W
     if (H, W) == (out_size, out_size) and "crop" not in ops:
-        x = image.astype(jnp.float32)
+        x = jnp.asarray(image, jnp.float32)
     else:
         x = crop_resize(image, y0, x0, h, w, out_size, out_size)
     x = x / 255.0
