@@ -15,9 +15,9 @@ temporary folder) cropped to 224 px. Prints one JSON line per measurement.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -102,12 +102,34 @@ def bench_torchvision(files_or_images, out_size, strength, blur, threads, n_imag
         TwoViews(), batch_size=batch, shuffle=True, num_workers=threads, drop_last=True,
         persistent_workers=True, prefetch_factor=4)
     it = iter(loader)
-    next(it)
-    steps = max(1, min(n_images, len(files_or_images) - batch) // batch)
+    next(it)  # worker start-up is not throughput
+    steps = max(1, min(n_images, len(files_or_images) - 2 * batch) // batch)
     t0 = time.perf_counter()
     for _ in range(steps):
         next(it)
     return steps * batch / (time.perf_counter() - t0)
+
+
+def torch_measurements(folder, threads_list, n32, n224):
+    """torchvision's numbers, in a process of their own: a forked DataLoader worker in a process
+    that has TensorFlow loaded crashes, and each framework should get the cores to itself."""
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        _emit(pipeline="torchvision DataLoader", result="pending: torch/torchvision not installed")
+        return
+    from jaxssl.data import sources
+
+    base = dict(cpu_count=os.cpu_count(), date=time.strftime("%Y-%m-%d"))
+    cifar = sources.load_cifar10_npz(NPZ, "train")
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
+    for threads in threads_list:
+        r = bench_torchvision(cifar.images[:n32 + 512], 32, 0.5, False, threads, n32, 256)
+        _emit(pipeline="torchvision DataLoader", data="cifar10 32px", threads=threads,
+              images_per_s=round(r, 1), **base)
+        r = bench_torchvision(files, 224, 1.0, True, threads, n224, 32)
+        _emit(pipeline="torchvision DataLoader", data="jpeg files 320px -> 224", threads=threads,
+              images_per_s=round(r, 1), **base)
 
 
 def main():
@@ -115,11 +137,15 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--torch-only", metavar="FOLDER", help=argparse.SUPPRESS)
     args = p.parse_args()
     threads_list = [int(t) for t in args.threads.split(",")]
     n32, n224 = (1024, 128) if args.quick else (8192, 512)
     if not os.path.exists(NPZ):
         sys.exit(f"CIFAR-10 not found at {NPZ}; see ../shared/data/cifar10/README.md")
+    if args.torch_only:
+        torch_measurements(args.torch_only, threads_list, n32, n224)
+        return
     from jaxssl.data import sources
 
     cifar = sources.load_cifar10_npz(NPZ, "train")
@@ -141,19 +167,9 @@ def main():
             _emit(pipeline="jaxssl tf.data host", data="jpeg files 320px -> 224", threads=threads,
                   images_per_s=round(r, 1), **base)
         if not args.skip_torch:
-            try:
-                import torchvision  # noqa: F401
-            except ImportError:
-                _emit(pipeline="torchvision DataLoader", result="pending: torch/torchvision not installed")
-                return
-            files = sorted(os.path.join(tmp, f) for f in os.listdir(tmp))
-            for threads in threads_list:
-                r = bench_torchvision(cifar.images[:n32 + 512], 32, 0.5, False, threads, n32, 256)
-                _emit(pipeline="torchvision DataLoader", data="cifar10 32px", threads=threads,
-                      images_per_s=round(r, 1), **base)
-                r = bench_torchvision(files, 224, 1.0, True, threads, n224, 32)
-                _emit(pipeline="torchvision DataLoader", data="jpeg files 320px -> 224",
-                      threads=threads, images_per_s=round(r, 1), **base)
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--torch-only", tmp,
+                            "--threads", args.threads] + (["--quick"] if args.quick else []),
+                           check=True)
 
 
 if __name__ == "__main__":

@@ -148,25 +148,37 @@ def _host_dataset(source, plan: BatchPlan, *, recipe: Recipe, out_size: int, mod
     T = tf()
     labelled = source.labels is not None
 
-    def rows():
-        # Yields this process's rows step by step, in order; decoding files happens here, in a
-        # thread pool inside source.read, so tf.data only sees uint8 arrays.
+    def steps():
+        # This process's rows, step by step in order, with their stateless seeds.
         for step in _steps(start_step, num_steps):
             idx = plan.indices(step)
-            seeds = plan.example_seeds(step)
-            images = source.images[idx] if source.images is not None else source.read(idx)
             labels = source.labels[idx] if labelled else np.zeros(len(idx), np.int32)
-            for image, seed, label in zip(images, seeds, labels):
-                yield image, seed, np.int32(label)
+            yield idx, plan.example_seeds(step), labels.astype(np.int32)
 
-    ds = T.data.Dataset.from_generator(
-        rows,
-        output_signature=(
+    if source.images is not None:
+        # In memory: one Python call per step yields the whole batch; tf.data unbatches it in
+        # C++, so the per-example work is all TensorFlow ops.
+        def batches():
+            for idx, seeds, labels in steps():
+                yield source.images[idx], seeds, labels
+
+        ds = T.data.Dataset.from_generator(batches, output_signature=(
+            T.TensorSpec((None,) + source.images.shape[1:], T.uint8),
+            T.TensorSpec((None, 2), T.int64),
+            T.TensorSpec((None,), T.int32),
+        )).unbatch()
+    else:
+        # Files: decoded here by source.read (a thread pool, Pillow), one image per element
+        # because sizes differ.
+        def rows():
+            for idx, seeds, labels in steps():
+                yield from zip(source.read(idx), seeds, labels)
+
+        ds = T.data.Dataset.from_generator(rows, output_signature=(
             T.TensorSpec((None, None, 3), T.uint8),
             T.TensorSpec((2,), T.int64),
             T.TensorSpec((), T.int32),
-        ),
-    )
+        ))
 
     def augment(image, seed, label):
         v1, v2 = augment_tf.two_views(image, seed, recipe, out_size, mode, source.mean, source.std)
