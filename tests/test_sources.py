@@ -392,3 +392,10 @@ def test_load_source_registry():
     with pytest.raises(ValueError) as excinfo:
         sources.load_source("hdf5", path="x")
     assert_one_line(excinfo, "'hdf5'", "builtin, cifar10_npz, folder, tfds")
+
+
+def test_tensorflow_never_sees_accelerators():
+    from jaxssl.data.tf_import import tf
+
+    T = tf()
+    assert T.config.get_visible_devices("GPU") == []
