@@ -28,4 +28,8 @@ for model in resnet18_cifar resnet50; do
       2> "$OUT/${fw}_${model}.err" | tee -a "$OUT/throughput.jsonl"
     tail -3 "$OUT/${fw}_${model}.err"
   done
+  # The same jaxssl step with the augmentation on the device (uint8 in): what a real run costs.
+  timeout "${BENCH_TIMEOUT:-240}" "$PY" benchmarks/step_throughput.py --framework jax --model "$model" \
+    --device-augment "${tiny[@]}" 2> "$OUT/jax_aug_${model}.err" | tee -a "$OUT/throughput.jsonl"
+  tail -3 "$OUT/jax_aug_${model}.err"
 done

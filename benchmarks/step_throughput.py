@@ -53,12 +53,24 @@ def bench_jax(args, side, batch, encoder, cifar_stem):
     params, batch_stats = models.init_variables(model, jax.random.key(0), (1, side, side, 3))
     tx = optim.make_optimizer("sgd", LR, momentum=0.9, weight_decay=1e-6)
     st = jax.device_put(state.create_train_state(params, batch_stats, tx), parallel.replicated(mesh))
+    augment_fn = None
+    rng = np.random.default_rng(0)
+    if args.device_augment:
+        from jaxssl.data import augment_jax, recipes
+
+        # uint8 images (a little larger than the crop, as stored) augmented inside the step.
+        recipe = recipes.get_recipe("simclr_cifar" if cifar_stem else "simclr")
+        augment_fn = augment_jax.make_device_augment(recipe, side, (0.5,) * 3, (0.25,) * 3,
+                                                     dtype=jnp.bfloat16)
+        stored = side if cifar_stem else side * 8 // 7  # 256 px stored for 224 px crops
+        views = parallel.host_to_global(
+            rng.integers(0, 256, size=(batch, stored, stored, 3), dtype=np.uint8), mesh)
+    else:
+        views = parallel.host_to_global(
+            tuple(rng.normal(size=(2, batch, side, side, 3)).astype(np.float32)), mesh)
     step = parallel.compile_step(functools.partial(
         steps.simclr_step, apply_fn=models.flax_apply_fn(model), tx=tx, temperature=TEMPERATURE,
-        average_batch_stats=bn.average_batch_stats), mesh)
-    rng = np.random.default_rng(0)
-    views = parallel.host_to_global(
-        tuple(rng.normal(size=(2, batch, side, side, 3)).astype(np.float32)), mesh)
+        average_batch_stats=bn.average_batch_stats, augment_fn=augment_fn), mesh)
     key = jax.random.key(0)
     t0 = time.perf_counter()
     st, m = step(st, views, key)
@@ -140,6 +152,8 @@ def main():
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: 2 steps, small images and width")
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--torch-compile-cpu", action="store_true")
+    p.add_argument("--device-augment", action="store_true",
+                   help="jax only: uint8 images in, the recipe's augmentation inside the step")
     args = p.parse_args()
     encoder, cifar_stem, side, batch = MODELS[args.model]
     batch = args.batch or batch
@@ -152,6 +166,7 @@ def main():
     step_s = elapsed / args.steps
     result = {
         "framework": args.framework, "version": version, "model": args.model, "device": kind,
+        "device_augment": bool(args.device_augment),
         "batch": batch, "image": side, "steps": args.steps, "step_ms": round(1000 * step_s, 3),
         "images_per_s": round(batch / step_s, 1), "compile_s": round(compile_s, 1),
         "final_loss": round(loss, 4),
