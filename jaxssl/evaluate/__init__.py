@@ -1,0 +1,1 @@
+"""Evaluators of frozen representations: kNN (and, with later issues, linear probes)."""
