@@ -1,0 +1,91 @@
+"""Checkpoints of the train state with orbax: asynchronous, atomic, the last few and the best.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a process
+killed at any moment (even mid-write) leaves the previous complete checkpoint as the latest.
+The data pipeline is stateless (see `jaxssl.data.pipeline`), so the train state alone is
+enough to resume exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+__all__ = ["Checkpointer", "IncompatibleCheckpointError"]
+
+
+class IncompatibleCheckpointError(ValueError):
+    """The checkpoint in a workdir does not fit the state being restored."""
+
+
+class Checkpointer:
+    """Saves and restores a TrainState under `directory` (a local path or gs:// URL).
+
+    keep_last: how many of the most recent checkpoints to keep.
+    best_metric: a metric name passed to `save(..., metrics=)`; the best checkpoint by it is kept
+      too (`best_mode` "max" or "min"). None keeps only the last ones.
+    """
+
+    def __init__(self, directory: str, *, keep_last: int = 3, best_metric: str | None = None,
+                 best_mode: str = "max", async_save: bool = True):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1; got {keep_last}")
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"best_mode must be 'max' or 'min'; got {best_mode!r}")
+        policies = [checkpoint_managers.LatestN(n=keep_last)]
+        if best_metric is not None:
+            policies.append(checkpoint_managers.BestN(
+                get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min",
+                n=1, keep_checkpoints_without_metrics=False))
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+                enable_async_checkpointing=async_save,
+                create=True,
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, metrics: dict[str, float] | None = None) -> None:
+        """Start saving `state` as `step` (returns before the write ends when async)."""
+        metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
+        self._manager.save(int(step), args=ocp.args.StandardSave(state), metrics=metrics,
+                           force=True)
+
+    def restore(self, template: Any, step: int | None = None) -> Any:
+        """The state saved at `step` (default: the latest), with the structure, shapes, dtypes
+        and shardings of `template` (a state or its jax.eval_shape). IncompatibleCheckpointError
+        when the saved state is of another model."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+            template)
+        try:
+            return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except (ValueError, KeyError) as e:  # orbax: a tree or shape that does not match
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise IncompatibleCheckpointError(
+                f"the checkpoint at step {step} in {self.directory} is of a different model "
+                f"({first}); use a new workdir, or the config that wrote it") from e
+
+    def wait(self) -> None:
+        """Block until every pending asynchronous save has been written."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

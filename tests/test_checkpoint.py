@@ -1,0 +1,85 @@
+import functools
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxssl import checkpoint, models, parallel, steps
+from tiny import lars, tiny_model, tiny_state, views
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_state(n_steps=2):
+    """A state after n_steps SimCLR steps (compiled once per module: the slow part)."""
+    tx = lars()
+    step = jax.jit(functools.partial(steps.simclr_step, apply_fn=models.flax_apply_fn(tiny_model()),
+                                     tx=tx, temperature=0.2))
+    st = tiny_state(tx)
+    for _ in range(n_steps):
+        st, _ = step(st, views(8), jax.random.key(0))
+    return st, tx
+
+
+def test_round_trip_is_bitwise_and_keeps_sharding(tmp_path):
+    st, tx = _trained_state()
+    mesh = parallel.make_mesh()
+    st = jax.device_put(st, parallel.replicated(mesh))
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
+    ckpt.save(2, st)
+    ckpt.wait()
+    assert ckpt.latest_step() == 2
+    template = jax.device_put(tiny_state(tx), parallel.replicated(mesh))
+    restored = ckpt.restore(template)
+    for a, b in zip(jax.tree.leaves(st), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert a.dtype == b.dtype
+    assert restored.params["backbone"]["conv1"]["kernel"].sharding == parallel.replicated(mesh)
+    assert int(restored.step) == 2
+    ckpt.close()
+
+
+def test_keeps_last_few_and_the_best(tmp_path):
+    st, _ = _trained_state(1)
+    ckpt = checkpoint.Checkpointer(str(tmp_path), keep_last=2, best_metric="eval/knn_top1")
+    for step, knn in [(1, 0.3), (2, 0.9), (3, 0.4), (4, 0.5), (5, 0.2)]:
+        ckpt.save(step, st, metrics={"eval/knn_top1": knn})
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 4, 5]  # the last two, and the best (0.9 at step 2)
+    ckpt.close()
+
+
+def test_incomplete_write_is_ignored(tmp_path):
+    st, tx = _trained_state(1)
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    ckpt.save(1, st)
+    ckpt.close()
+    # What a kill -9 during the write of step 2 leaves: orbax's temporary directory, never renamed.
+    os.makedirs(tmp_path / "2.orbax-checkpoint-tmp-1234" / "default")
+    again = checkpoint.Checkpointer(str(tmp_path))
+    assert again.latest_step() == 1
+    restored = again.restore(tiny_state(tx))
+    assert int(restored.step) == int(st.step)
+    again.close()
+
+
+def test_other_model_is_a_clear_error(tmp_path):
+    st, _ = _trained_state(1)
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    ckpt.save(1, st)
+    ckpt.close()
+    other = tiny_state(lars(), width=8)
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match="different model.*use a new workdir"):
+        checkpoint.Checkpointer(str(tmp_path)).restore(other)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        checkpoint.Checkpointer(str(tmp_path / "empty")).restore(other)
+
+
+def test_other_architecture_is_a_clear_error(tmp_path):
+    st, _ = _trained_state(1)
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    ckpt.save(1, st)
+    ckpt.close()
+    other = tiny_state(lars(), head_hidden_dims=(16, 16))  # one more head layer: another tree
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match="different model"):
+        checkpoint.Checkpointer(str(tmp_path)).restore(other)
