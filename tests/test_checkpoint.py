@@ -49,11 +49,17 @@ def test_keeps_last_few_and_the_best(tmp_path):
     ckpt.close()
 
 
-def test_incomplete_write_is_ignored(tmp_path):
+def _saved_once(directory):
+    """A workdir holding one complete checkpoint (step 1); returns (state, tx)."""
     st, tx = _trained_state(1)
-    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    ckpt = checkpoint.Checkpointer(str(directory))
     ckpt.save(1, st)
     ckpt.close()
+    return st, tx
+
+
+def test_incomplete_write_is_ignored(tmp_path):
+    st, tx = _saved_once(tmp_path)
     # What a kill -9 during the write of step 2 leaves: orbax's temporary directory, never renamed.
     os.makedirs(tmp_path / "2.orbax-checkpoint-tmp-1234" / "default")
     again = checkpoint.Checkpointer(str(tmp_path))
@@ -64,10 +70,7 @@ def test_incomplete_write_is_ignored(tmp_path):
 
 
 def test_other_model_is_a_clear_error(tmp_path):
-    st, _ = _trained_state(1)
-    ckpt = checkpoint.Checkpointer(str(tmp_path))
-    ckpt.save(1, st)
-    ckpt.close()
+    _saved_once(tmp_path)
     other = tiny_state(lars(), width=8)
     with pytest.raises(checkpoint.IncompatibleCheckpointError, match="different model.*use a new workdir"):
         checkpoint.Checkpointer(str(tmp_path)).restore(other)
@@ -76,10 +79,7 @@ def test_other_model_is_a_clear_error(tmp_path):
 
 
 def test_other_architecture_is_a_clear_error(tmp_path):
-    st, _ = _trained_state(1)
-    ckpt = checkpoint.Checkpointer(str(tmp_path))
-    ckpt.save(1, st)
-    ckpt.close()
+    _saved_once(tmp_path)
     other = tiny_state(lars(), head_hidden_dims=(16, 16))  # one more head layer: another tree
     with pytest.raises(checkpoint.IncompatibleCheckpointError, match="different model"):
         checkpoint.Checkpointer(str(tmp_path)).restore(other)
