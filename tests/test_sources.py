@@ -399,3 +399,13 @@ def test_tensorflow_never_sees_accelerators():
 
     T = tf()
     assert T.config.get_visible_devices("GPU") == []
+
+
+def test_folder_path_with_tilde_is_expanded(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "pics").mkdir()
+    Image.new("RGB", (5, 4), (10, 20, 30)).save(tmp_path / "pics" / "a.png")
+    source = sources.load_folder("~/pics", labelled=False)
+    assert source.num_examples == 1 and source.read([0])[0].shape == (4, 5, 3)

@@ -183,7 +183,8 @@ def load_folder(root: str | os.PathLike, *, labelled: bool | str = "auto", stric
     """
     from jaxssl.data import sources  # sources re-exports this loader, so it is imported here
 
-    root = os.path.abspath(os.fspath(root))  # paths stay valid if the working directory changes
+    # ~ expanded as a shell would; absolute so paths stay valid if the working directory changes
+    root = os.path.abspath(os.path.expanduser(os.fspath(root)))
     if not os.path.exists(root):
         raise FileNotFoundError(f"image folder {root} does not exist; pass the directory that "
                                 f"holds your images")
