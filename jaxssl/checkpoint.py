@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -42,8 +43,21 @@ class Checkpointer:
                 get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min",
                 n=1, keep_checkpoints_without_metrics=False))
         self.directory = directory if "://" in directory else os.path.abspath(directory)
+        # Replica-parallel saving splits each replicated array into one slice per device so the
+        # hosts of a pod share the writing; within one process it only adds a sliced copy per
+        # device and leaf (seconds per save for a ResNet on 8 CPU devices), so it is used only
+        # across processes.
+        registry = ocp.type_handlers.create_type_handler_registry(
+            (jax.Array, ocp.type_handlers.ArrayHandler(
+                use_replica_parallel=jax.process_count() > 1)),
+            (np.ndarray, ocp.type_handlers.NumpyHandler()),
+            (np.number, ocp.type_handlers.ScalarHandler()),
+            (int, ocp.type_handlers.ScalarHandler()),
+            (float, ocp.type_handlers.ScalarHandler()),
+        )
         self._manager = ocp.CheckpointManager(
             self.directory,
+            item_handlers=ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
             options=ocp.CheckpointManagerOptions(
                 preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
                 enable_async_checkpointing=async_save,
@@ -61,7 +75,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, metrics: dict[str, float] | None = None) -> None:
         """Start saving `state` as `step` (returns before the write ends when async)."""
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-        self._manager.save(int(step), args=ocp.args.StandardSave(state), metrics=metrics,
+        self._manager.save(int(step), args=ocp.args.PyTreeSave(state), metrics=metrics,
                            force=True)
 
     def restore(self, template: Any, step: int | None = None) -> Any:
@@ -75,7 +89,8 @@ class Checkpointer:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             template)
         try:
-            return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            return self._manager.restore(step, args=ocp.args.PyTreeRestore(
+                abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
         except (ValueError, KeyError) as e:  # orbax: a tree or shape that does not match
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise IncompatibleCheckpointError(
