@@ -54,6 +54,8 @@ def warmup_cosine_schedule(
             f"need 0 <= warmup_steps <= total_steps and total_steps > 0; "
             f"got warmup_steps={warmup_steps}, total_steps={total_steps}"
         )
+    if warmup_steps == total_steps:  # all warmup (a very short run): no room for the cosine
+        return optax.linear_schedule(0.0, peak_lr, transition_steps=warmup_steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=peak_lr,

@@ -77,6 +77,9 @@ def test_warmup_cosine_values():
     np.testing.assert_allclose(s(500), 0.0, atol=1e-7)
     no_warmup = optim.warmup_cosine_schedule(1.0, 0, 100)
     np.testing.assert_allclose(no_warmup(0), 1.0, rtol=1e-6)
+    # A run shorter than its warmup (a few-step smoke run): linear all the way, no error.
+    all_warmup = optim.warmup_cosine_schedule(2.0, 12, 12)
+    np.testing.assert_allclose([all_warmup(s) for s in (0, 3, 12)], [0.0, 0.5, 2.0], rtol=1e-6)
 
 
 def test_schedule_bad_arguments():

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import functools
+import os
 
 
 @functools.cache
 def tf():
     """The tensorflow module, configured so it never takes GPU or TPU memory from JAX."""
+    # TensorFlow's C++ start-up notices (oneDNN, absl) are not the user's business; a user who
+    # sets the variable keeps their own level.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     try:
         import tensorflow as tf_module
     except ImportError as e:  # a GPU host may have no TensorFlow at all
