@@ -1,0 +1,49 @@
+"""The demo: SimCLR on the built-in shapes dataset, about three minutes on a 2-core laptop CPU.
+
+    jaxssl train --config configs/demo.py --workdir runs/demo
+
+Needs no download. A ResNet-18 at width 16 with the ImageNet stem (the 32 px shapes are
+downsampled 4x before the residual stages, which makes a step ~3x cheaper on a CPU than the
+CIFAR stem at width 8 and learns more in the same time) trains on views augmented by JAX
+(`data.augment="device"`: no TensorFlow in the loop) with AdamW. The crops keep at least 20% of
+the image (the "mocov2" recipe; otherwise the same colour jitter as "simclr_cifar"): a shape
+that fills a 32 px image vanishes from SimCLR's 8% crops.
+
+Expected: weighted kNN top-1 (k = 200) on the 1000 test images rises from about 0.25 at random
+initialisation to about 0.55 (the measured pair is in the README).
+"""
+
+from jaxssl.configuration import default_config
+
+
+def get_config():
+    config = default_config()
+    config.seed = 0
+    config.batch_size = 128
+    config.num_epochs = 15  # 39 steps an epoch: 585 steps
+    config.log_every_steps = 39
+    config.eval_every_steps = 195
+    config.checkpoint_every_steps = 195
+
+    config.data.source = "builtin"
+    config.data.recipe = "mocov2"
+    config.data.augment = "device"
+    config.data.out_size = 32
+
+    config.model.encoder = "resnet18"
+    config.model.cifar_stem = False
+    config.model.width = 16
+    config.model.head_hidden_dims = (256,)
+    config.model.out_dim = 64
+
+    config.optim.name = "adamw"
+    config.optim.base_lr = 5e-3
+    config.optim.lr_scaling = "none"
+    config.optim.warmup_epochs = 1.0
+    config.optim.weight_decay = 1e-4
+
+    config.loss.temperature = 0.2
+    config.eval.knn_k = 200
+    config.eval.knn_temperature = 0.1
+    config.checkpoint.keep = 2
+    return config

@@ -1,0 +1,281 @@
+"""Training configs: the fields the trainer reads, loading a config file, command-line overrides.
+
+A config file (configs/*.py) defines `get_config(arg=None) -> ml_collections.ConfigDict`,
+usually by changing the fields of `default_config()`. `load_config("configs/x.py:arg")` calls
+it and locks the result, so a misspelt field, in the file or in an override such as
+`--config.batch_size=64`, is an error naming the nearest valid field instead of a new field
+that nothing reads.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+from collections.abc import Iterable
+
+import ml_collections
+from ml_collections import config_dict
+
+__all__ = ["ConfigError", "default_config", "load_config", "apply_overrides", "CONFIG_DIR",
+           "flat_fields", "validate"]
+
+# The configs/ folder of a source checkout: `--config demo` means configs/demo.py there.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is one line saying what to change."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field the trainer reads, with defaults (a small SimCLR run on the built-in data)."""
+    c = ml_collections.ConfigDict()
+    c.method = "simclr"
+    c.seed = 0
+    c.batch_size = 256  # global, over all devices and processes
+    c.num_epochs = 100
+    c.num_steps = config_dict.placeholder(int)  # when set, wins over num_epochs
+    c.log_every_steps = 50
+    c.eval_every_steps = 1000  # kNN also runs before the first step and after the last
+    c.checkpoint_every_steps = 1000  # and at the end, and on SIGTERM
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "builtin"  # a key of jaxssl.data.sources.SOURCES
+    c.data.name = ""  # tfds: the dataset name, e.g. "cifar10"
+    c.data.path = ""  # cifar10_npz: the .npz file; folder: the image folder
+    c.data.eval_path = ""  # folder: a labelled folder of kNN queries ("" = no kNN)
+    c.data.data_dir = ""  # tfds: the prepared data directory ("" = TFDS's default)
+    c.data.image_size = 0  # tfds/folder: resize to this square size when loading (0 = as stored)
+    c.data.train_split = "train"
+    c.data.eval_split = "test"  # the kNN queries; the bank is train_split without augmentation
+    c.data.augment = "device"  # "device" (JAX, on the accelerator), "host" (tf.data) or "split"
+    c.data.recipe = "simclr_cifar"  # a key of jaxssl.data.recipes.RECIPES
+    c.data.out_size = 32  # side of the augmented views and of the kNN inputs
+    c.data.prefetch = 2  # batches prepared ahead by a background thread
+    c.data.threads = 0  # tf.data threads (0 = autotune)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.encoder = "resnet18"  # a key of jaxssl.models.ENCODERS
+    c.model.cifar_stem = True
+    c.model.width = 64
+    c.model.zero_init_last_bn = False
+    c.model.head_hidden_dims = (2048,)
+    c.model.out_dim = 128
+    c.model.output_bn = False
+    c.model.dtype = "float32"  # or "bfloat16" (BatchNorm statistics stay float32)
+    c.model.bn = "global"  # a key of jaxssl.parallel.BN_MODES
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "lars"  # a key of jaxssl.optim.OPTIMIZERS
+    c.optim.base_lr = 0.3
+    c.optim.lr_scaling = "linear"  # peak lr = base_lr x batch/256; "sqrt" or "none"
+    c.optim.warmup_epochs = 10.0
+    c.optim.end_lr = 0.0
+    c.optim.weight_decay = 1e-6
+    c.optim.momentum = 0.9
+    c.optim.nesterov = False
+    c.optim.trust_coefficient = 0.001
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.temperature = 0.1
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.knn = True
+    c.eval.knn_k = 200
+    c.eval.knn_temperature = 0.1
+    c.eval.bank_examples = 0  # train examples in the kNN bank (0 = all)
+    c.eval.query_examples = 0  # eval-split examples queried (0 = all)
+    c.eval.batch_size = 512  # images per forward pass when computing features
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.keep = 3  # the last few; the best by eval/knn_top1 is kept too
+    c.checkpoint.async_save = True
+    c.lock()  # config files change fields; a misspelt one fails where it is written
+    return c
+
+
+def flat_fields(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Dotted names of every leaf field: ["seed", "data.source", ...]."""
+    names = []
+    for key in config.keys():
+        value = config[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            names += flat_fields(value, f"{prefix}{key}.")
+        else:
+            names.append(prefix + key)
+    return names
+
+
+def _did_you_mean(name: str, choices: Iterable[str]) -> str:
+    choices = list(choices)
+    def ratio(a, b):
+        return difflib.SequenceMatcher(None, a, b).ratio()
+
+    scored = sorted(((ratio(name, c), c) for c in choices), reverse=True)
+    if not scored or scored[0][0] < 0.5:  # compare the last part alone: "lr" -> "optim.base_lr"
+        tail = name.rsplit(".", 1)[-1]
+        scored = sorted(((ratio(tail, c.rsplit(".", 1)[-1]), c) for c in choices), reverse=True)
+    if not scored or scored[0][0] < 0.5:
+        return ""
+    # The best match, and a second one when it is about as close ("lr": base_lr or end_lr).
+    near = [c for r, c in scored[:2] if r >= scored[0][0] - 0.05]
+    return "; did you mean " + " or ".join(f"'{n}'" for n in near) + "?"
+
+
+def _load_module(path: str):
+    spec = importlib.util.spec_from_file_location(
+        "jaxssl_config_" + os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def resolve_config_path(name: str) -> str:
+    """A config file path from a path or a bare name of configs/ ("demo")."""
+    if os.path.isfile(name):
+        return name
+    candidate = os.path.join(CONFIG_DIR, name if name.endswith(".py") else name + ".py")
+    if os.sep not in name and os.path.isfile(candidate):
+        return candidate
+    known = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py")) \
+        if os.path.isdir(CONFIG_DIR) else []
+    hint = f" (configs here: {', '.join(known)})" if known else ""
+    raise ConfigError(f"config file {name!r} not found{hint}")
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Load "path/to/config.py[:arg]" (or a bare name from configs/) and lock it."""
+    name, _, arg = spec.partition(":")
+    path = resolve_config_path(name)
+    try:
+        module = _load_module(path)
+    except AttributeError as e:  # a misspelt field inside the file: one line, nearest name
+        raise ConfigError(f"{path}: {_one_line(e)}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} has no get_config() function")
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except AttributeError as e:
+        raise ConfigError(f"{path}: {_one_line(e)}") from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
+    known, fields = flat_fields(default_config()), flat_fields(config)
+    extra = [f for f in fields if f not in known]
+    if extra:
+        raise ConfigError(f"{path} sets the unknown field '{extra[0]}'{_did_you_mean(extra[0], known)}")
+    missing = sorted(set(known) - set(fields))
+    if missing:
+        raise ConfigError(f"{path} lacks the fields {', '.join(missing)}: build it on "
+                          "jaxssl.configuration.default_config()")
+    config.lock()
+    return config
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip("'\" ")
+    lines = [line for line in text.splitlines() if line.strip()]
+    hint = next((line for line in lines if line.startswith("Did you mean")), "")
+    return (lines[0][:160] if lines else type(e).__name__) + (f" ({hint})" if hint else "")
+
+
+def _parse_value(raw: str, kind: type, field: str):
+    """A command-line string as a value of the field's type."""
+    if kind is str:
+        return raw
+    if kind is bool:
+        if raw.lower() in ("true", "1", "yes"):
+            return True
+        if raw.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"config field {field} wants true or false; got {raw!r}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    if kind is tuple:
+        if isinstance(value, (int, float)):
+            value = (value,)
+        elif raw.strip() in ("", "()"):
+            value = ()
+        if not isinstance(value, (tuple, list)):
+            raise ConfigError(f"config field {field} wants a tuple such as '(512, 512)'; got {raw!r}")
+        return tuple(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and raw.strip().lower() == "none":
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"config field {field} wants {kind.__name__}; got {raw!r}")
+    return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[tuple[str, str]]) -> None:
+    """Set dotted fields from strings, in place: [("batch_size", "64"), ("data.augment", "host")]."""
+    fields = flat_fields(config)
+    for name, raw in overrides:
+        if name not in fields:
+            groups = {f.split(".")[0] for f in fields if "." in f}
+            what = "config group, not a field" if name in groups else "config field"
+            raise ConfigError(f"unknown {what} '{name}'{_did_you_mean(name, fields)}")
+        *parents, leaf = name.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        value = _parse_value(raw, node.get_type(leaf), name)
+        try:
+            node[leaf] = value
+        except TypeError as e:
+            raise ConfigError(f"config field {name} cannot take {raw!r}: {_one_line(e)}") from e
+
+
+def _choice(field: str, value: str, choices: Iterable[str]) -> None:
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(f"unknown {field} {value!r}{_did_you_mean(value, choices)} "
+                          f"(valid: {', '.join(choices)})")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """ConfigError (one line) for a value the trainer cannot use, before anything runs."""
+    from jaxssl import models, optim, parallel
+    from jaxssl.data import pipeline, recipes, sources
+
+    _choice("method", config.method, ("simclr",))
+    _choice("data.source", config.data.source, sources.SOURCES)
+    _choice("data.augment", config.data.augment, pipeline.MODES)
+    _choice("data.recipe", config.data.recipe, recipes.RECIPES)
+    _choice("model.encoder", config.model.encoder, models.ENCODERS)
+    _choice("model.dtype", config.model.dtype, ("float32", "bfloat16"))
+    _choice("model.bn", config.model.bn, parallel.BN_MODES)
+    _choice("optim.name", config.optim.name, optim.OPTIMIZERS)
+    _choice("optim.lr_scaling", config.optim.lr_scaling, optim.LR_SCALING)
+    _check(config.batch_size > 0, f"batch_size must be positive; got {config.batch_size}")
+    if config.num_steps is None:
+        _check(config.num_epochs > 0, f"num_epochs must be positive (or set num_steps); got "
+                                      f"{config.num_epochs}")
+    else:
+        _check(config.num_steps > 0, f"num_steps must be positive; got {config.num_steps}")
+    for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+        _check(config[field] > 0, f"{field} must be positive; got {config[field]}")
+    _check(config.loss.temperature > 0, f"loss.temperature must be positive; got "
+                                        f"{config.loss.temperature}")
+    _check(config.data.out_size >= 8, f"data.out_size must be at least 8; got {config.data.out_size}")
+    _check(config.optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
+    _check(config.eval.knn_k >= 1, f"eval.knn_k must be >= 1; got {config.eval.knn_k}")
+    _check(config.eval.knn_temperature > 0, "eval.knn_temperature must be positive")
+    _check(config.eval.batch_size > 0, "eval.batch_size must be positive")
+    _check(config.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1; got {config.checkpoint.keep}")
+    if config.data.source == "tfds":
+        _check(bool(config.data.name), "data.source 'tfds' needs data.name, e.g. "
+                                       "--config.data.name=cifar10")
+    if config.data.source in ("folder", "cifar10_npz"):
+        _check(bool(config.data.path), f"data.source {config.data.source!r} needs data.path")
