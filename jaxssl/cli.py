@@ -1,0 +1,87 @@
+"""`jaxssl train --config configs/demo.py --workdir runs/demo [--config.field=value ...]`.
+
+Also `python -m jaxssl train ...`. A user mistake (a misspelt field, a batch the devices cannot
+split, a workdir of another model, ...) ends with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["main"]
+
+_EPILOG = """\
+overrides: any config field as --config.FIELD=VALUE (or --config.FIELD VALUE), e.g.
+  --config.batch_size=128 --config.num_steps=500 --config.data.augment=host
+config: a file (configs/simclr_cifar10.py), a name from configs/ (demo), and an optional
+  argument for its get_config after a colon (configs/x.py:arg).
+"""
+
+
+def _split_overrides(rest: list[str], parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
+    overrides, i = [], 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--config."):
+            parser.error(f"unrecognised argument {arg!r}; config fields are set as "
+                         "--config.FIELD=VALUE")
+        name, eq, value = arg[len("--config."):].partition("=")
+        if not eq:
+            if i + 1 >= len(rest):
+                parser.error(f"{arg} needs a value: {arg}=VALUE")
+            value, i = rest[i + 1], i + 1
+        overrides.append((name, value))
+        i += 1
+    return overrides
+
+
+def _train(args, overrides) -> int:
+    from jaxssl import configuration
+
+    config = configuration.load_config(args.config)
+    configuration.apply_overrides(config, overrides)
+    workdir = args.workdir or os.path.join(
+        "runs", os.path.splitext(os.path.basename(args.config.partition(":")[0]))[0])
+    from jaxssl import train  # imports jax: after the config is known to be good
+
+    result = train.train(config, workdir)
+    return 0 if result.status in ("done", "preempted", "stopped") else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxssl", description=(
+        "Self-supervised contrastive pretraining (SimCLR) in JAX."))
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train or resume a run", epilog=_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="demo",
+                   help="config file or name from configs/ (default: demo)")
+    p.add_argument("--workdir", default=None,
+                   help="where checkpoints and logs go; the same workdir resumes "
+                        "(default: runs/<config name>)")
+    args, rest = parser.parse_known_args(argv)
+    overrides = _split_overrides(rest, p)
+
+    from jaxssl.configuration import ConfigError
+    try:
+        return _train(args, overrides)
+    except ConfigError as e:
+        print(f"jaxssl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jaxssl: aborted; the last complete checkpoint is kept", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from jaxssl.evaluate.features import NonFiniteFeaturesError
+        from jaxssl.train import TrainingDiverged
+
+        if isinstance(e, (TrainingDiverged, NonFiniteFeaturesError)):
+            print(f"jaxssl: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

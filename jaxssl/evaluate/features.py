@@ -1,0 +1,95 @@
+"""Backbone features of whole datasets, computed on the devices in batches (for kNN and probes).
+
+Images are centre-cropped and resized on the host only when they are not already at the model's
+input size, then normalised and encoded on the devices in eval mode (BatchNorm running
+statistics), each batch split over the mesh's data axis.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxssl.parallel import DATA_AXIS, host_to_global
+
+__all__ = ["FeatureExtractor", "NonFiniteFeaturesError", "eval_images"]
+
+
+class NonFiniteFeaturesError(FloatingPointError):
+    """The encoder returned NaN or infinite features."""
+
+
+def eval_images(source, indices: Sequence[int], size: int, crop_fraction: float = 0.875) -> np.ndarray:
+    """The images at `indices` as uint8 [n, size, size, 3].
+
+    Images already size x size are returned as they are; others are resized so their shorter side
+    is size / crop_fraction and centre-cropped (the usual ImageNet evaluation transform).
+    """
+    if source.images is not None and source.images.shape[1:3] == (size, size):
+        return source.images[np.asarray(indices)]
+    from PIL import Image
+
+    out = np.empty((len(indices), size, size, 3), np.uint8)
+    short = max(size, round(size / crop_fraction))
+    for i, image in enumerate(source.read(indices)):
+        h, w = image.shape[:2]
+        scale = short / min(h, w)
+        nh, nw = max(short, round(h * scale)), max(short, round(w * scale))
+        resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BICUBIC))
+        top, left = (nh - size) // 2, (nw - size) // 2
+        out[i] = resized[top:top + size, left:left + size]
+    return out
+
+
+class FeatureExtractor:
+    """Eval-mode backbone features of dataset images, computed on every device of `mesh`.
+
+    apply_fn: as for the steps (`outputs["features"]` is used). mean, std: per-channel
+    normalisation of pixel / 255 (the training source's). batch_size: global images per forward
+    pass, rounded up to a multiple of the devices.
+    """
+
+    def __init__(self, apply_fn: Callable, mesh: Mesh, *, mean, std, size: int,
+                 batch_size: int = 512, dtype=jnp.float32):
+        self.mesh, self.size = mesh, size
+        n_dev = mesh.shape[DATA_AXIS]
+        self.batch_size = -(-batch_size // n_dev) * n_dev
+        mean = jnp.asarray(mean, jnp.float32)
+        std = jnp.asarray(std, jnp.float32)
+
+        def features(params, batch_stats, images):
+            x = ((images.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
+            outputs, _ = apply_fn(params, batch_stats, x, train=False)
+            f = outputs["features"].astype(jnp.float32)
+            return f, jnp.all(jnp.isfinite(f))
+
+        self._features = jax.jit(features)
+
+    def __call__(self, params, batch_stats, source, indices: Sequence[int]) -> jax.Array:
+        """Features of source[indices]: float32 [len(indices), F], a global jax.Array.
+
+        NonFiniteFeaturesError when any feature is NaN or infinite.
+        """
+        indices = np.asarray(indices)
+        b = self.batch_size
+        pi, pc = jax.process_index(), jax.process_count()
+        chunks, finite = [], []
+        for start in range(0, len(indices), b):
+            idx = indices[start:start + b]
+            n = len(idx)
+            idx = np.concatenate([idx, np.full(b - n, idx[0])])  # pad the last batch
+            local = idx.reshape(pc, -1)[pi]  # this process's rows of the global batch
+            images = host_to_global(eval_images(source, local, self.size), self.mesh)
+            f, ok = self._features(params, batch_stats, images)
+            chunks.append(f[:n])
+            finite.append(ok)
+        if not all(bool(ok) for ok in jax.device_get(finite)):
+            raise NonFiniteFeaturesError(
+                "the encoder returned non-finite (NaN or inf) features in eval mode; if the "
+                "training loss is finite, this is a known XLA:CPU miscompilation in jax >= 0.11: "
+                "run with XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=")
+        return jnp.concatenate(chunks) if len(chunks) > 1 else chunks[0]

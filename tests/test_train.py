@@ -1,0 +1,272 @@
+"""The trainer end to end on 8 fake CPU devices: outputs, exact resume, kill -9, SIGTERM, NaN.
+
+A tiny ResNet on 16 px views of the built-in data keeps each run to seconds. Runs that must be
+killed run in a subprocess (`python -m jaxssl train`); the others in this process.
+"""
+
+import functools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxssl import checkpoint, cli, configuration, steps, train
+
+TINY = [
+    ("num_steps", "12"), ("batch_size", "16"), ("log_every_steps", "2"),
+    ("eval_every_steps", "6"), ("checkpoint_every_steps", "3"),
+    ("model.width", "4"), ("model.head_hidden_dims", "(16,)"), ("model.out_dim", "8"),
+    ("data.out_size", "16"), ("eval.bank_examples", "400"), ("eval.query_examples", "160"),
+    ("eval.batch_size", "160"), ("eval.knn_k", "20"),
+]
+
+
+def tiny_config(*extra):
+    config = configuration.load_config("demo")
+    configuration.apply_overrides(config, TINY + list(extra))
+    return config
+
+
+def cli_args(workdir, *extra):
+    return (["train", "--config", "demo", "--workdir", str(workdir)]
+            + [f"--config.{k}={v}" for k, v in TINY + list(extra)])
+
+
+def records_without_timing(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    for r in records:
+        r.pop("train/images_per_sec", None)
+    return records
+
+
+def assert_same_state(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def restore_final(workdir, template):
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        return ckpt.latest_step(), ckpt.restore(template)
+    finally:
+        ckpt.close()
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """12 steps in one go: the reference every interrupted run must reproduce bit for bit."""
+    workdir = tmp_path_factory.mktemp("straight")
+    result = train.train(tiny_config(), str(workdir))
+    assert result.status == "done" and result.step == 12
+    return result, records_without_timing(workdir)
+
+
+def test_cli_writes_every_output(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    # The host (tf.data) augmentation path end to end; the other runs here augment on the device.
+    assert cli.main(cli_args(workdir, ("num_steps", "4"), ("data.augment", "host"))) == 0
+    out = capsys.readouterr().out
+    assert "kNN top-1 at initialisation" in out
+    assert "trained" in out and "at random initialisation" in out
+    names = set(os.listdir(workdir))
+    assert {"metrics.jsonl", "config.json", "checkpoints", "augment_preview.png", "curves.png",
+            "tensorboard"} <= names
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert records[0] == {"step": 0, "epoch": 0.0, "eval/knn_top1": records[0]["eval/knn_top1"]}
+    assert [r["step"] for r in records] == [0, 2, 4]
+    for r in records[1:]:
+        for key in ("epoch", "train/loss", "train/lr", "train/images_per_sec",
+                    "train/contrastive_top1", "train/grad_norm"):
+            assert np.isfinite(r[key]), key
+    assert "eval/knn_top1" in records[-1] and 0.0 <= records[-1]["eval/knn_top1"] <= 1.0
+    assert records[1]["epoch"] == pytest.approx(2 / (5000 // 16))
+    config = json.load(open(workdir / "config.json"))
+    assert config["num_steps"] == 4 and config["data"]["augment"] == "host"
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "4"]
+    from PIL import Image
+
+    for png in ("augment_preview.png", "curves.png"):
+        assert Image.open(workdir / png).size[0] > 100
+    # TensorBoard's own reader (TensorFlow's) sees the scalars of every logged step.
+    from jaxssl.data.tf_import import tf
+
+    (event_file,) = os.listdir(workdir / "tensorboard")
+    seen = {}
+    for raw in tf().data.TFRecordDataset(str(workdir / "tensorboard" / event_file)):
+        event = tf().compat.v1.Event.FromString(raw.numpy())
+        for value in event.summary.value:
+            seen.setdefault(value.tag, {})[event.step] = value.simple_value
+    assert set(seen["train/loss"]) == {2, 4}
+    assert seen["train/loss"][4] == pytest.approx(records[2]["train/loss"])
+    assert set(seen["eval/knn_top1"]) == {0, 4}
+
+
+def test_the_learning_rate_logged_is_the_schedule(straight):
+    _, records = straight
+    lrs = [r["train/lr"] for r in records if "train/lr" in r]
+    # demo: AdamW, warmup of one epoch (312 steps at batch 16) longer than 12 steps: linear.
+    peak = tiny_config().optim.base_lr
+    steps_logged = [r["step"] for r in records if "train/lr" in r]
+    np.testing.assert_allclose(lrs, [peak * (s - 1) / 12 for s in steps_logged], rtol=1e-6)
+
+
+def test_resume_after_a_stop_is_bitwise_identical(straight, tmp_path):
+    reference, reference_records = straight
+    workdir = str(tmp_path / "resumed")
+    first = train.train(tiny_config(), workdir, stop_at_step=6)
+    assert first.status == "stopped" and first.step == 6
+    second = train.train(tiny_config(), workdir)
+    assert second.status == "done" and second.step == 12
+    assert_same_state(reference.state, second.state)
+    assert records_without_timing(workdir) == reference_records
+    assert second.knn_top1 == reference.knn_top1
+    assert second.knn_top1_init == reference.knn_top1_init
+    # Running the finished run again changes nothing and says it is done.
+    again = train.train(tiny_config(), workdir)
+    assert again.status == "done" and again.step == 12
+    assert records_without_timing(workdir) == reference_records
+
+
+def _wait_for_checkpoint(proc, workdir, timeout=300):
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before its first checkpoint:\n{proc.stdout.read()}")
+        if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
+            return ckpt_dir
+        time.sleep(0.01)
+    pytest.fail("no checkpoint appeared")
+
+
+def _spawn(workdir):
+    return subprocess.Popen([sys.executable, "-m", "jaxssl"] + cli_args(workdir),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_kill_9_at_a_random_moment_then_resume_is_bitwise_identical(straight, tmp_path):
+    reference, reference_records = straight
+    workdir = str(tmp_path / "killed")
+    proc = _spawn(workdir)
+    ckpt_dir = _wait_for_checkpoint(proc, workdir)
+    # Kill during the next checkpoint write if one is seen, else at a random moment.
+    delay = random.Random().uniform(0.0, 1.0)
+    deadline, during_write = time.time() + delay, False
+    while time.time() < deadline:
+        if any("tmp" in d for d in os.listdir(ckpt_dir)):
+            during_write = True
+            break
+        time.sleep(0.001)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run finished before the kill ({delay:.2f} s)"
+    result = train.train(tiny_config(), workdir)
+    assert result.step == 12, f"delay {delay:.2f} s, during a write: {during_write}"
+    assert_same_state(reference.state, result.state)
+    assert records_without_timing(workdir) == reference_records
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_0(straight, tmp_path):
+    reference, reference_records = straight
+    workdir = str(tmp_path / "preempted")
+    proc = _spawn(workdir)
+    _wait_for_checkpoint(proc, workdir)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    stopped_at, _ = restore_final(workdir, reference.state)
+    if stopped_at < 12:
+        assert f"received SIGTERM: saved a checkpoint at step {stopped_at}" in out
+    result = train.train(tiny_config(), workdir)
+    assert result.step == 12
+    assert_same_state(reference.state, result.state)
+    assert records_without_timing(workdir) == reference_records
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(straight, tmp_path,
+                                                                     monkeypatch, capsys):
+    real_step = steps.simclr_step
+
+    def poisoned(state, views, key, **kwargs):
+        new_state, metrics = real_step(state, views, key, **kwargs)
+        bad = new_state.step == 5
+        metrics = dict(metrics, **{"train/loss": jnp.where(bad, jnp.nan, metrics["train/loss"])})
+        params = jax.tree.map(lambda p: jnp.where(bad, jnp.nan, p), new_state.params)
+        return new_state.replace(params=params), metrics
+
+    monkeypatch.setattr(steps, "simclr_step", poisoned)
+    workdir = tmp_path / "nan"
+    assert cli.main(cli_args(workdir, ("checkpoint_every_steps", "2"))) == 1
+    err = capsys.readouterr().err.strip()
+    assert "non-finite train/loss (nan) at step 5" in err
+    assert "last good checkpoint is step 4" in err and len(err.splitlines()) == 1
+    step, state = restore_final(str(workdir), straight[0].state)
+    assert step == 4
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+    logged = [r["step"] for r in records_without_timing(workdir)]
+    assert max(logged) == 4
+
+
+# --- bad input: one line on stderr, exit status 2, nothing trained -------------------------
+
+
+def _bad(workdir, capsys, *extra, argv=None):
+    code = cli.main(argv or cli_args(workdir, *extra))
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+    return err
+
+
+def test_bad_input_misspelt_field(tmp_path, capsys):
+    err = _bad(tmp_path / "w", capsys, ("batch_sise", "16"))
+    assert "unknown config field 'batch_sise'; did you mean 'batch_size'?" in err
+
+
+def test_bad_input_batch_not_divisible_by_devices(tmp_path, capsys):
+    err = _bad(tmp_path / "w", capsys, ("batch_size", "12"))
+    assert "batch_size 12" in err and "8 devices" in err
+
+
+def test_bad_input_unknown_dataset(tmp_path, capsys):
+    err = _bad(tmp_path / "w", capsys, ("data.source", "imagenet"))
+    assert "unknown data.source 'imagenet'" in err
+    err = _bad(tmp_path / "w", capsys, ("data.source", "tfds"), ("data.name", "no_such_dataset"))
+    assert "no_such_dataset" in err
+
+
+def test_bad_input_unwritable_workdir(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    err = _bad(blocker / "run", capsys)
+    assert "cannot write to workdir" in err
+
+
+def test_bad_input_workdir_of_another_model(tmp_path, capsys):
+    workdir = tmp_path / "w"
+    assert cli.main(cli_args(workdir, ("num_steps", "3"), ("eval.knn", "false"))) == 0
+    capsys.readouterr()
+    before = sorted(os.listdir(workdir / "checkpoints"))
+    code = cli.main(cli_args(workdir, ("num_steps", "3"), ("model.width", "8")))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "different model" in err and "new workdir" in err
+    assert sorted(os.listdir(workdir / "checkpoints")) == before  # nothing lost
+
+
+def test_cli_help_and_python_m(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "jaxssl", "train", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "--config.FIELD=VALUE" in out and "--workdir" in out
