@@ -285,7 +285,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
                 pending = (n, metrics)
                 log_now = n % config.log_every_steps == 0 or n == total_steps
                 eval_now = knn_on and (n % config.eval_every_steps == 0 or n == total_steps)
-                save_now = (n % config.checkpoint_every_steps == 0 or n == end or bool(stop))
+                stopping = bool(stop)  # read once: a signal may land at any line below
+                save_now = n % config.checkpoint_every_steps == 0 or n == end or stopping
                 if n == start + 1 or log_now or eval_now or save_now:
                     values = _finite_values(*pending, last_good, ckpt_dir)
                     pending = None
@@ -314,7 +315,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
                     window_start, window_steps = time.perf_counter(), 0
                 if bar and values:
                     bar.update(n, rate, values["train/loss"])
-                if stop:
+                if stopping:
                     status = "preempted"
                     ckpt.wait()
                     say(f"received {stop.signal_name}: saved a checkpoint at step {n} in "

@@ -70,3 +70,19 @@ def test_curves_png(tmp_path):
     from PIL import Image
 
     assert Image.open(path).size == (1000, 360)
+
+
+def test_progress_bar_redraws_one_line_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    bar = writers.ProgressBar(10, 8, stream=Terminal(), interval=0.0)
+    bar.update(3, 80.0, 2.0)
+    bar.message("kNN top-1 0.5")
+    bar.update(4, 80.0, 1.9)
+    bar.close()
+    text = bar.stream.getvalue()
+    assert text.startswith("\r[") and "step 3/10" in text and "step 4/10" in text
+    assert "\r\033[KkNN top-1 0.5\n" in text  # the message clears the bar's line first
+    assert text.endswith("\n")
