@@ -314,7 +314,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
                 if log_now or eval_now or save_now:
                     window_start, window_steps = time.perf_counter(), 0
                 if bar and values:
-                    bar.update(n, rate, values["train/loss"])
+                    # Between log steps, the rate of the current window (steps up to n - 1
+                    # are done: the lagged check above waited for them).
+                    live = time.perf_counter() - window_start
+                    live_rate = (config.batch_size * (window_steps - 1) / live
+                                 if window_steps > 1 and live > 0 else rate)
+                    bar.update(n, live_rate, values["train/loss"])
                 if stopping:
                     status = "preempted"
                     ckpt.wait()
