@@ -1,4 +1,5 @@
-"""Contrastive losses: SimCLR's NT-Xent (InfoNCE), optionally gathered across devices.
+"""Contrastive losses: SimCLR's NT-Xent (InfoNCE), gathered across devices, and MoCo's InfoNCE
+against a queue of negatives.
 
 Everything here is pure JAX and imports no TensorFlow.
 """
@@ -8,7 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["info_nce", "info_nce_with_accuracy", "contrastive_accuracy", "l2_normalize"]
+__all__ = ["info_nce", "info_nce_with_accuracy", "contrastive_accuracy", "l2_normalize",
+           "moco_info_nce", "moco_info_nce_with_accuracy"]
 
 _NORM_EPS = 1e-12  # guards the division for an all-zero embedding
 
@@ -123,3 +125,44 @@ def contrastive_accuracy(
     z1, z2: [b, D] any float dtype. Returns a float32 scalar equal on every device.
     """
     return info_nce_with_accuracy(z1, z2, temperature=1.0, axis_name=axis_name)[1]
+
+
+def moco_info_nce_with_accuracy(
+    q: jax.Array, k: jax.Array, queue: jax.Array, *, temperature: float,
+    axis_name: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """MoCo's InfoNCE: each query's positive is its own key, its negatives the queue.
+
+    Args:
+      q: [b, D] queries (the trained encoder), any float dtype.
+      k: [b, D] keys of the same images from the momentum encoder; no gradient flows into them.
+      queue: [K, D] negatives (keys of earlier batches), no gradient.
+      temperature: > 0 (MoCo v2: 0.2 on ImageNet, 0.1 on CIFAR).
+      axis_name: inside shard_map, the data axis: the loss is then the global-batch mean.
+    All are L2-normalised here; logits are float32 at full precision.
+
+    Returns:
+      (loss, accuracy) float32 scalars: the mean cross-entropy of [q.k, q.queue] / T with the
+      positive at column 0, and the fraction of queries whose positive scores highest.
+    """
+    if q.ndim != 2 or q.shape != k.shape or queue.ndim != 2 or queue.shape[1] != q.shape[1]:
+        raise ValueError(f"moco_info_nce expects q and k [batch, dim] and queue [K, dim]; got "
+                         f"{q.shape}, {k.shape} and {queue.shape}")
+    if isinstance(temperature, (int, float)) and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (MoCo uses 0.1-0.2); got {temperature}")
+    q = l2_normalize(q)
+    k = jax.lax.stop_gradient(l2_normalize(k))
+    queue = jax.lax.stop_gradient(l2_normalize(queue))
+    pos = jnp.sum(q * k, axis=-1, keepdims=True)  # [b, 1]
+    neg = jnp.dot(q, queue.T, precision=jax.lax.Precision.HIGHEST)  # [b, K]
+    logits = jnp.concatenate([pos, neg], axis=1) / temperature
+    nll = -jax.nn.log_softmax(logits, axis=-1)[:, 0]
+    correct = (jnp.argmax(logits, axis=-1) == 0).astype(jnp.float32)
+    return _global_mean(nll, axis_name), jax.lax.stop_gradient(_global_mean(correct, axis_name))
+
+
+def moco_info_nce(q: jax.Array, k: jax.Array, queue: jax.Array, *, temperature: float,
+                  axis_name: str | None = None) -> jax.Array:
+    """MoCo's InfoNCE loss (scalar float32); see `moco_info_nce_with_accuracy`."""
+    return moco_info_nce_with_accuracy(q, k, queue, temperature=temperature,
+                                       axis_name=axis_name)[0]
