@@ -38,8 +38,10 @@ def create_train_state(
     tx: optax.GradientTransformation,
     *,
     with_momentum_encoder: bool = False,
+    queue: Any = None,
 ) -> TrainState:
-    """A state at step 0 with a fresh optimizer state (and a copy of the encoder as its EMA)."""
+    """A state at step 0 with a fresh optimizer state (and a copy of the encoder as its EMA, and
+    MoCo's queue, `jaxssl.queue.init_queue`, when given)."""
     copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731  (distinct buffers, donatable)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -48,4 +50,5 @@ def create_train_state(
         opt_state=tx.init(params),
         momentum_params=copy(params) if with_momentum_encoder else None,
         momentum_batch_stats=copy(batch_stats) if with_momentum_encoder else None,
+        queue=queue,
     )

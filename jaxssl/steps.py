@@ -6,16 +6,19 @@ functools.partial and compile with `jaxssl.parallel.compile_step` (or your own j
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxssl.losses import info_nce_with_accuracy
+from jaxssl import ema
+from jaxssl.losses import info_nce_with_accuracy, moco_info_nce_with_accuracy
+from jaxssl.queue import enqueue
 from jaxssl.state import TrainState
 
-__all__ = ["simclr_step", "example_keys"]
+__all__ = ["simclr_step", "moco_step", "example_keys"]
 
 
 def example_keys(key: jax.Array, step: jax.Array, batch_size: int,
@@ -113,5 +116,130 @@ def simclr_step(
         "train/loss": loss,
         "train/contrastive_top1": accuracy,
         "train/grad_norm": _global_norm(grads),
+    }
+    return new_state, metrics
+
+
+def _key_forward(momentum_params, momentum_batch_stats, x, shuffle_key, *, apply_fn, shuffle_bn,
+                 axis_name):
+    """Keys of local images x [b, ...] from the momentum encoder, without gradient.
+
+    Returns (k_local [b, D]: the keys of this device's rows, k_all [N, D]: the keys of the whole
+    global batch in global order, new momentum batch stats). With shuffle_bn the global batch is
+    permuted before the encoder and un-permuted after, so each device's BatchNorm statistics mix
+    images from every device and cannot tell a query's key apart (MoCo's shuffle BN).
+    """
+    b = x.shape[0]
+    x_all = x if axis_name is None else jax.lax.all_gather(x, axis_name, tiled=True)  # [N, ...]
+    offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * b
+    if shuffle_bn:
+        perm = jax.random.permutation(shuffle_key, x_all.shape[0])
+        # This device encodes rows [offset, offset + b) of the shuffled global batch.
+        x_in = jax.lax.dynamic_slice_in_dim(x_all[perm], offset, b)
+    else:
+        x_in = x
+    out, new_stats = apply_fn(momentum_params, momentum_batch_stats, x_in, train=True)
+    k = jax.lax.stop_gradient(out["projection"])
+    if axis_name is None:
+        k_all = k
+    else:
+        # Gathered by a sum of zero-padded rows (exact: one non-zero term per row), so the
+        # result is typed as replicated and the queue built from it can leave shard_map as P().
+        n = x_all.shape[0]
+        rows = jnp.zeros((n, k.shape[1]), k.dtype)
+        k_all = jax.lax.psum(jax.lax.dynamic_update_slice_in_dim(rows, k, offset, 0), axis_name)
+    if shuffle_bn:
+        # Row i of k_all is the key of image perm[i]: put it back at perm[i].
+        k_all = jnp.zeros_like(k_all).at[perm].set(k_all)
+    k_local = jax.lax.dynamic_slice_in_dim(k_all, offset, b)
+    return k_local, k_all, new_stats
+
+
+def moco_step(
+    state: TrainState,
+    views: Any,
+    key: jax.Array,
+    *,
+    apply_fn: Callable,
+    tx: optax.GradientTransformation,
+    temperature: float,
+    momentum_fn: Callable[[jax.Array], jax.Array],
+    symmetric: bool = False,
+    shuffle_bn: bool = False,
+    axis_name: str | None = None,
+    average_batch_stats: bool = False,
+    augment_fn: Callable | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One MoCo (v2) update: queries from the trained encoder, keys from its EMA, a queue.
+
+    Args:
+      state: TrainState with momentum_params, momentum_batch_stats (the key encoder) and queue
+        (`jaxssl.queue.Queue`, K a multiple of the keys enqueued per step).
+      views, key, apply_fn, tx, axis_name, augment_fn: as for `simclr_step`. x1 gives the
+        queries, x2 their keys (and the reverse too when symmetric).
+      temperature: InfoNCE temperature.
+      momentum_fn: step -> EMA momentum m (`jaxssl.ema.constant_momentum(0.99)`, ...).
+      symmetric: both views serve as queries (MoCo's CIFAR demo): the loss is the sum of the
+        two directions and the keys of both views are enqueued, 2N per step.
+      shuffle_bn: permute the global batch before the key encoder (see `_key_forward`). For one
+        device, use it with `models.split_bn_apply_fn(apply_fn, G)`: the same permutation then
+        gives the same result as G devices with per-device BN.
+      average_batch_stats: with per-device BN, average both encoders' running statistics over
+        axis_name after the step.
+
+    Order: keys from the current key encoder; loss and gradient for the query encoder; the
+    optimizer step; then the key encoder's EMA towards the new parameters and the new keys into
+    the queue (the same sequence as MoCo, which updates the key encoder at the start of the
+    next step). Returns (new_state, metrics): "train/loss", "train/contrastive_top1" (the
+    positive key outscores every queued one), "train/grad_norm", "train/ema_momentum".
+    """
+    if augment_fn is not None:
+        b = jax.tree.leaves(views)[0].shape[0]
+        views = augment_fn(views, example_keys(key, state.step, b, axis_name))
+    x1, x2 = views
+    # The shuffle permutations are drawn from the step's key by split, apart from the
+    # per-example keys (fold_in of the step key with each example's position).
+    shuffle_keys = jax.random.split(jax.random.split(jax.random.fold_in(key, state.step))[0], 2)
+    forward_k = functools.partial(_key_forward, apply_fn=apply_fn, shuffle_bn=shuffle_bn,
+                                  axis_name=axis_name)
+    k2, k2_all, momentum_stats = forward_k(state.momentum_params, state.momentum_batch_stats, x2,
+                                           shuffle_keys[0])
+    if symmetric:
+        k1, k1_all, momentum_stats = forward_k(state.momentum_params, momentum_stats, x1,
+                                               shuffle_keys[1])
+    negatives = state.queue.keys
+
+    def loss_fn(params):
+        out1, stats = apply_fn(params, state.batch_stats, x1, train=True)
+        loss, acc = moco_info_nce_with_accuracy(out1["projection"], k2, negatives,
+                                                temperature=temperature, axis_name=axis_name)
+        if symmetric:
+            out2, stats = apply_fn(params, stats, x2, train=True)
+            loss2, acc2 = moco_info_nce_with_accuracy(out2["projection"], k1, negatives,
+                                                      temperature=temperature,
+                                                      axis_name=axis_name)
+            loss, acc = loss + loss2, (acc + acc2) / 2
+        return loss, (acc, stats)
+
+    (loss, (accuracy, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    if axis_name is not None and average_batch_stats:
+        new_stats = jax.lax.pmean(new_stats, axis_name)
+        momentum_stats = jax.lax.pmean(momentum_stats, axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    m = momentum_fn(state.step)
+    new_keys = jnp.concatenate([k1_all, k2_all]) if symmetric else k2_all
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state,
+        momentum_params=ema.ema_update(state.momentum_params, params, m),
+        momentum_batch_stats=momentum_stats,
+        queue=enqueue(state.queue, new_keys),
+    )
+    metrics = {
+        "train/loss": loss,
+        "train/contrastive_top1": accuracy,
+        "train/grad_norm": _global_norm(grads),
+        "train/ema_momentum": jnp.asarray(m, jnp.float32),
     }
     return new_state, metrics

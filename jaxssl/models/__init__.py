@@ -46,6 +46,7 @@ __all__ = [
     "create_model",
     "flax_apply_fn",
     "init_variables",
+    "split_bn_apply_fn",
 ]
 
 ENCODERS = {"resnet18": ResNet18, "resnet34": ResNet34, "resnet50": ResNet50}
@@ -134,3 +135,28 @@ def flax_apply_fn(module: nn.Module) -> Callable:
         return dict(out), new_batch_stats
 
     return apply_fn
+
+
+def split_bn_apply_fn(apply_fn: Callable, groups: int) -> Callable:
+    """An apply_fn whose BatchNorm statistics are computed over `groups` equal parts of the batch.
+
+    Split BN (MoCo's CIFAR recipe): one device behaves like `groups` devices that each normalise
+    their own part, as per-device BN over a mesh does. The running statistics of the groups are
+    averaged, as `average_batch_stats` averages them over devices. groups=1 returns apply_fn.
+    """
+    if groups < 1:
+        raise ValueError(f"BatchNorm groups must be >= 1; got {groups}")
+    if groups == 1:
+        return apply_fn
+
+    def grouped(params, batch_stats, images, *, train: bool):
+        n = images.shape[0]
+        if n % groups:
+            raise ValueError(f"split BN: the batch ({n}) must divide into {groups} groups")
+        parts = images.reshape(groups, n // groups, *images.shape[1:])
+        outputs, new_stats = jax.vmap(
+            lambda x: apply_fn(params, batch_stats, x, train=train))(parts)
+        outputs = jax.tree.map(lambda y: y.reshape(n, *y.shape[2:]), outputs)
+        return outputs, jax.tree.map(lambda s: jnp.mean(s, axis=0), new_stats)
+
+    return grouped
