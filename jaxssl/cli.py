@@ -52,7 +52,7 @@ def _train(args, overrides) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxssl", description=(
-        "Self-supervised contrastive pretraining (SimCLR) in JAX."))
+        "Self-supervised contrastive pretraining (SimCLR, MoCo v2) in JAX."))
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train or resume a run", epilog=_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 def default_config() -> ml_collections.ConfigDict:
     """Every field the trainer reads, with defaults (a small SimCLR run on the built-in data)."""
     c = ml_collections.ConfigDict()
-    c.method = "simclr"
+    c.method = "simclr"  # or "moco" (MoCo v2: a momentum encoder and a queue; see c.moco)
     c.seed = 0
     c.batch_size = 256  # global, over all devices and processes
     c.num_epochs = 100
@@ -82,6 +82,15 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.loss = ml_collections.ConfigDict()
     c.loss.temperature = 0.1
+
+    c.moco = ml_collections.ConfigDict()  # read when method is "moco"
+    c.moco.queue_size = 4096  # K: a multiple of the keys enqueued per step
+    c.moco.momentum = 0.99  # the key encoder's EMA momentum (at the start, for "cosine")
+    c.moco.momentum_schedule = "constant"  # or "cosine" (to 1 at the end)
+    c.moco.symmetric = False  # both views as queries; enqueues 2 x batch keys per step
+    c.moco.shuffle_bn = True  # shuffle the batch across BN groups before the key encoder
+    c.moco.bn_groups = 0  # with model.bn "local": BN groups over the global batch (0 = one per
+    #                       device); 8 on one device is MoCo's split BN
 
     c.eval = ml_collections.ConfigDict()
     c.eval.knn = True
@@ -249,7 +258,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from jaxssl import models, optim, parallel
     from jaxssl.data import pipeline, recipes, sources
 
-    _choice("method", config.method, ("simclr",))
+    _choice("method", config.method, ("simclr", "moco"))
+    from jaxssl import ema
+
+    _choice("moco.momentum_schedule", config.moco.momentum_schedule, ema.MOMENTUM_SCHEDULES)
+    _check(0.0 <= config.moco.momentum <= 1.0, f"moco.momentum must lie in [0, 1] (MoCo uses "
+                                                f"0.99-0.999); got {config.moco.momentum}")
+    _check(config.moco.queue_size > 0, f"moco.queue_size must be positive; got "
+                                       f"{config.moco.queue_size}")
+    _check(config.moco.bn_groups >= 0, "moco.bn_groups must be >= 0")
     _choice("data.source", config.data.source, sources.SOURCES)
     _choice("data.augment", config.data.augment, pipeline.MODES)
     _choice("data.recipe", config.data.recipe, recipes.RECIPES)

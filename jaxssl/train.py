@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxssl import configuration, models, optim, parallel, state as state_lib, steps
+from jaxssl import configuration, ema, models, optim, parallel, queue as queue_lib
+from jaxssl import state as state_lib, steps
 from jaxssl.checkpoint import Checkpointer, IncompatibleCheckpointError
 from jaxssl.configuration import ConfigError
 from jaxssl.data import augment_jax, pipeline, preview, recipes, sources
@@ -123,6 +124,41 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+_METHOD_NAMES = {"simclr": "SimCLR", "moco": "MoCo v2"}
+
+
+def _moco_step(config, mesh, apply_fn, tx, augment_fn, total_steps):
+    """moco_step bound to the config, and the initial queue; ConfigError for what cannot run."""
+    mc, n_dev = config.moco, mesh.shape[parallel.DATA_AXIS]
+    keys_per_step = config.batch_size * (2 if mc.symmetric else 1)
+    try:
+        queue_lib.check_queue_size(mc.queue_size, keys_per_step)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("queue size K", "moco.queue_size")) from e
+    groups = 1
+    if config.model.bn == "local" and mc.bn_groups:
+        # bn_groups counts groups over the global batch: per device, bn_groups / devices.
+        if mc.bn_groups % n_dev or (config.batch_size // n_dev) % (mc.bn_groups // n_dev):
+            raise ConfigError(
+                f"moco.bn_groups {mc.bn_groups} does not split over {n_dev} devices with "
+                f"{config.batch_size // n_dev} images each; use a multiple of {n_dev} that "
+                "divides the batch")
+        groups = mc.bn_groups // n_dev
+    if mc.momentum_schedule == "cosine":
+        momentum_fn = ema.cosine_momentum(mc.momentum, total_steps)
+    else:
+        momentum_fn = ema.constant_momentum(mc.momentum)
+    step_fn = functools.partial(
+        steps.moco_step, apply_fn=models.split_bn_apply_fn(apply_fn, groups), tx=tx,
+        temperature=config.loss.temperature, momentum_fn=momentum_fn, symmetric=mc.symmetric,
+        shuffle_bn=mc.shuffle_bn,
+        average_batch_stats=parallel.BN_MODES[config.model.bn].average_batch_stats,
+        augment_fn=augment_fn)
+    queue = queue_lib.init_queue(jax.random.fold_in(jax.random.key(config.seed), 2),
+                                 mc.queue_size, config.model.out_dim)
+    return step_fn, queue
+
+
 def _finite_values(step: int, metrics: dict, last_good: int | None, ckpt_dir: str) -> dict:
     """Metrics as floats; TrainingDiverged when the loss or gradient norm is not finite."""
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -192,11 +228,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     recipe = recipes.get_recipe(d.recipe)
     augment_fn = None if d.augment == "host" else augment_jax.make_device_augment(
         recipe, d.out_size, train_source.mean, train_source.std, mode=d.augment, dtype=dtype)
-    train_step = parallel.compile_step(functools.partial(
-        steps.simclr_step, apply_fn=apply_fn, tx=tx, temperature=config.loss.temperature,
-        average_batch_stats=bn.average_batch_stats, augment_fn=augment_fn), mesh)
-    state = jax.device_put(state_lib.create_train_state(params, batch_stats, tx),
-                           parallel.replicated(mesh))
+    if config.method == "moco":
+        step_fn, queue = _moco_step(config, mesh, apply_fn, tx, augment_fn, total_steps)
+    else:
+        queue = None
+        step_fn = functools.partial(
+            steps.simclr_step, apply_fn=apply_fn, tx=tx, temperature=config.loss.temperature,
+            average_batch_stats=bn.average_batch_stats, augment_fn=augment_fn)
+    train_step = parallel.compile_step(step_fn, mesh)
+    state = jax.device_put(
+        state_lib.create_train_state(params, batch_stats, tx, queue=queue,
+                                     with_momentum_encoder=config.method == "moco"),
+        parallel.replicated(mesh))
     train_key = jax.device_put(train_key, parallel.replicated(mesh))
 
     # Resume from the latest complete checkpoint, if any.
@@ -243,7 +286,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     if start:
         say(f"resuming from the checkpoint at step {start} of {total_steps} in {ckpt_dir}")
     else:
-        say(f"training {m.encoder} (width {m.width}) with SimCLR on {train_source.name}: "
+        say(f"training {m.encoder} (width {m.width}) with {_METHOD_NAMES[config.method]} on "
+            f"{train_source.name}: "
             f"{total_steps} steps of batch {config.batch_size} ({steps_per_epoch} steps/epoch) "
             f"on {n_dev} {jax.devices()[0].platform} device(s); workdir {workdir}")
         if main:

@@ -270,3 +270,35 @@ def test_cli_help_and_python_m(tmp_path):
     out = subprocess.run([sys.executable, "-m", "jaxssl", "train", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "--config.FIELD=VALUE" in out and "--workdir" in out
+
+
+MOCO = [("method", "moco"), ("moco.queue_size", "64"), ("moco.symmetric", "true"),
+        ("model.bn", "local"), ("moco.bn_groups", "8"), ("num_steps", "8"),
+        ("checkpoint_every_steps", "4"), ("eval_every_steps", "8")]
+
+
+def test_moco_through_the_cli_and_exact_resume_with_key_encoder_and_queue(tmp_path, capsys):
+    straight = tmp_path / "straight"
+    assert cli.main(cli_args(straight, *MOCO)) == 0
+    out = capsys.readouterr().out
+    assert "MoCo v2" in out and "at random initialisation" in out
+    assert {"metrics.jsonl", "augment_preview.png", "curves.png", "tensorboard"} <= set(
+        os.listdir(straight))
+    records = records_without_timing(straight)
+    assert all(r["train/ema_momentum"] == pytest.approx(0.99) for r in records[1:])
+    resumed = str(tmp_path / "resumed")
+    first = train.train(tiny_config(*MOCO), resumed, stop_at_step=4)
+    assert first.status == "stopped"
+    second = train.train(tiny_config(*MOCO), resumed)
+    step, reference = restore_final(str(straight), second.state)
+    assert step == 8 and int(second.state.queue.ptr) == (8 * 2 * 16) % 64
+    assert second.state.momentum_params is not None
+    assert_same_state(reference, second.state)  # params, key encoder, queue, optimizer
+    assert records_without_timing(resumed) == records
+
+
+def test_bad_input_moco_queue_and_momentum(tmp_path, capsys):
+    err = _bad(tmp_path / "w", capsys, *MOCO, ("moco.queue_size", "48"))
+    assert "moco.queue_size (48) must be a positive multiple" in err and "32" in err
+    err = _bad(tmp_path / "w", capsys, *MOCO, ("moco.momentum", "1.5"))
+    assert "moco.momentum must lie in [0, 1]" in err
