@@ -35,6 +35,16 @@ def _run(step_fn, st, n_steps, mesh=None):
     return copy(st), history
 
 
+def _assert_sharded_equals_single(sharded_step, mesh, st0, single, hist_single):
+    """Two sharded steps from st0 give the single-device metrics and state (float32 rounding)."""
+    sharded, hist_sharded = _run(sharded_step, jax.device_put(st0, parallel.replicated(mesh)), 2,
+                                 mesh)
+    for a, b in zip(hist_single, hist_sharded):
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=k)
+    assert_trees_close(single, sharded, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_shuffle_bn_on_8_devices_equals_split_bn_with_8_groups(symmetric):
     model, tx, st0 = _setup()
@@ -50,12 +60,7 @@ def test_shuffle_bn_on_8_devices_equals_split_bn_with_8_groups(symmetric):
     sharded_step = parallel.compile_step(functools.partial(
         steps.moco_step, apply_fn=models.flax_apply_fn(model), average_batch_stats=True,
         **common), mesh, donate_state=False)
-    sharded, hist_sharded = _run(sharded_step, jax.device_put(st0, parallel.replicated(mesh)), 2,
-                                 mesh)
-    for a, b in zip(hist_single, hist_sharded):
-        for k in a:
-            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=k)
-    assert_trees_close(single, sharded, rtol=1e-4, atol=1e-5)
+    _assert_sharded_equals_single(sharded_step, mesh, st0, single, hist_single)
 
 
 def test_global_bn_on_8_devices_equals_one_device():
@@ -69,12 +74,7 @@ def test_global_bn_on_8_devices_equals_one_device():
     sharded_step = parallel.compile_step(functools.partial(
         steps.moco_step, apply_fn=models.flax_apply_fn(global_model), **common), mesh,
         donate_state=False)
-    sharded, hist_sharded = _run(sharded_step, jax.device_put(st0, parallel.replicated(mesh)), 2,
-                                 mesh)
-    for a, b in zip(hist_single, hist_sharded):
-        for k in a:
-            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=k)
-    assert_trees_close(single, sharded, rtol=1e-4, atol=1e-5)
+    _assert_sharded_equals_single(sharded_step, mesh, st0, single, hist_single)
 
 
 def test_ema_and_queue_after_one_step():
