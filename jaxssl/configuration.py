@@ -19,10 +19,14 @@ import ml_collections
 from ml_collections import config_dict
 
 __all__ = ["ConfigError", "default_config", "load_config", "apply_overrides", "CONFIG_DIR",
-           "flat_fields", "validate"]
+           "flat_fields", "validate", "METHODS"]
 
 # The configs/ folder of a source checkout: `--config demo` means configs/demo.py there.
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+# method -> its name in messages.
+METHODS = {"simclr": "SimCLR", "moco": "MoCo v2"}
 
 
 class ConfigError(ValueError):
@@ -258,7 +262,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from jaxssl import models, optim, parallel
     from jaxssl.data import pipeline, recipes, sources
 
-    _choice("method", config.method, ("simclr", "moco"))
+    _choice("method", config.method, METHODS)
     from jaxssl import ema
 
     _choice("moco.momentum_schedule", config.moco.momentum_schedule, ema.MOMENTUM_SCHEDULES)

@@ -37,6 +37,14 @@ def example_keys(key: jax.Array, step: jax.Array, batch_size: int,
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, positions)
 
 
+def _augment(views, key, step, augment_fn, axis_name):
+    """views as they are, or augment_fn's (x1, x2) with one key per local example."""
+    if augment_fn is None:
+        return views
+    b = jax.tree.leaves(views)[0].shape[0]
+    return augment_fn(views, example_keys(key, step, b, axis_name))
+
+
 def _global_norm(tree) -> jax.Array:
     """L2 norm of all leaves together, float32 []."""
     leaves = jax.tree.leaves(tree)
@@ -80,9 +88,7 @@ def simclr_step(
       (new_state, metrics) with float32 scalar metrics "train/loss",
       "train/contrastive_top1" and "train/grad_norm", equal on every device.
     """
-    if augment_fn is not None:
-        b = jax.tree.leaves(views)[0].shape[0]
-        views = augment_fn(views, example_keys(key, state.step, b, axis_name))
+    views = _augment(views, key, state.step, augment_fn, axis_name)
     x1, x2 = views
     if x1.shape != x2.shape:
         raise ValueError(f"the two views must have the same shape; got {x1.shape} and {x2.shape}")
@@ -193,9 +199,7 @@ def moco_step(
     next step). Returns (new_state, metrics): "train/loss", "train/contrastive_top1" (the
     positive key outscores every queued one), "train/grad_norm", "train/ema_momentum".
     """
-    if augment_fn is not None:
-        b = jax.tree.leaves(views)[0].shape[0]
-        views = augment_fn(views, example_keys(key, state.step, b, axis_name))
+    views = _augment(views, key, state.step, augment_fn, axis_name)
     x1, x2 = views
     # The shuffle permutations are drawn from the step's key by split, apart from the
     # per-example keys (fold_in of the step key with each example's position).

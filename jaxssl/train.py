@@ -124,9 +124,6 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-_METHOD_NAMES = {"simclr": "SimCLR", "moco": "MoCo v2"}
-
-
 def _moco_step(config, mesh, apply_fn, tx, augment_fn, total_steps):
     """moco_step bound to the config, and the initial queue; ConfigError for what cannot run."""
     mc, n_dev = config.moco, mesh.shape[parallel.DATA_AXIS]
@@ -286,8 +283,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     if start:
         say(f"resuming from the checkpoint at step {start} of {total_steps} in {ckpt_dir}")
     else:
-        say(f"training {m.encoder} (width {m.width}) with {_METHOD_NAMES[config.method]} on "
-            f"{train_source.name}: "
+        say(f"training {m.encoder} (width {m.width}) with "
+            f"{configuration.METHODS[config.method]} on {train_source.name}: "
             f"{total_steps} steps of batch {config.batch_size} ({steps_per_epoch} steps/epoch) "
             f"on {n_dev} {jax.devices()[0].platform} device(s); workdir {workdir}")
         if main:
