@@ -97,6 +97,38 @@ class Checkpointer:
                 f"the checkpoint at step {step} in {self.directory} is of a different model "
                 f"({first}); use a new workdir, or the config that wrote it") from e
 
+    def restore_subtrees(self, template: dict[str, Any], step: int | None = None) -> dict[str, Any]:
+        """Only the named fields of the state saved at `step`: e.g. {"params": ...,
+        "batch_stats": ...} for evaluation, without rebuilding the optimizer, queue or probe.
+
+        template: field name -> a pytree of arrays or jax.ShapeDtypeStruct (with the shardings
+        wanted). IncompatibleCheckpointError, naming the first parameter that differs, when the
+        saved fields are of another model.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+            template)
+        saved = self._manager.item_metadata(step)
+        saved = getattr(saved, "tree", saved)
+        want = {jax.tree_util.keystr(k): x.shape
+                for k, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+        have = {jax.tree_util.keystr(k): tuple(getattr(x, "shape", ()))
+                for k, x in jax.tree_util.tree_flatten_with_path(
+                    {name: saved.get(name) for name in template})[0]}
+        for name, shape in want.items():
+            if have.get(name) != tuple(shape):
+                found = "absent" if name not in have else f"{have[name]}"
+                raise IncompatibleCheckpointError(
+                    f"the checkpoint at step {step} in {self.directory} is of a different model "
+                    f"({name} is {found} there, {tuple(shape)} in this config); use the config "
+                    "that wrote it")
+        return self._manager.restore(step, args=ocp.args.PyTreeRestore(
+            abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True))
+
     def wait(self) -> None:
         """Block until every pending asynchronous save has been written."""
         self._manager.wait_until_finished()

@@ -1,7 +1,11 @@
-"""`jaxssl train --config configs/demo.py --workdir runs/demo [--config.field=value ...]`.
+"""The command line, also `python -m jaxssl ...`:
 
-Also `python -m jaxssl train ...`. A user mistake (a misspelt field, a batch the devices cannot
-split, a workdir of another model, ...) ends with one line on stderr and exit status 2.
+    jaxssl train --config configs/demo.py --workdir runs/demo [--config.field=value ...]
+    jaxssl eval knn|linear|finetune --workdir runs/demo [--step N] [--config.field=value ...]
+    jaxssl export --workdir runs/demo --format safetensors|msgpack --output FILE [--step N]
+
+A user mistake (a misspelt field, a batch the devices cannot split, a workdir of another model,
+a step that was not saved, ...) ends with one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -50,6 +54,36 @@ def _train(args, overrides) -> int:
     return 0 if result.status in ("done", "preempted", "stopped") else 1
 
 
+def _workdir_config(args, overrides):
+    from jaxssl import configuration
+
+    config, ignored = configuration.load_workdir_config(os.path.abspath(args.workdir))
+    if ignored:
+        print(f"note: {args.workdir}/config.json has fields this jaxssl does not know, ignored: "
+              f"{', '.join(ignored)}", file=sys.stderr)
+    config.unlock()
+    configuration.apply_overrides(config, overrides)
+    config.lock()
+    configuration.validate(config)
+    return config
+
+
+def _eval(args, overrides) -> int:
+    config = _workdir_config(args, overrides)
+    from jaxssl import evaluation
+
+    evaluation.evaluate(args.kind, config, args.workdir, step=args.step)
+    return 0
+
+
+def _export(args, overrides) -> int:
+    config = _workdir_config(args, overrides)
+    from jaxssl import evaluation
+
+    evaluation.export(config, args.workdir, args.output, fmt=args.format, step=args.step)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxssl", description=(
         "Self-supervised contrastive pretraining (SimCLR, MoCo v2) in JAX."))
@@ -61,12 +95,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None,
                    help="where checkpoints and logs go; the same workdir resumes "
                         "(default: runs/<config name>)")
+    p.set_defaults(run=_train)
+    e = sub.add_parser("eval", help="evaluate a trained workdir: knn, linear or finetune",
+                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("kind", choices=["knn", "linear", "finetune"],
+                   help="knn: the trainer's kNN monitor; linear: a linear classifier on frozen "
+                        "features; finetune: the whole network on a fraction of the labels")
+    e.add_argument("--workdir", required=True, help="the workdir of a training run")
+    e.add_argument("--step", type=int, default=None,
+                   help="the checkpoint to evaluate (default: the latest)")
+    e.set_defaults(run=_eval)
+    x = sub.add_parser("export", help="write a trained backbone for PyTorch (safetensors, "
+                                      "torchvision names) or Flax (msgpack)")
+    x.add_argument("--workdir", required=True, help="the workdir of a training run")
+    x.add_argument("--format", choices=["safetensors", "msgpack"], default="safetensors")
+    x.add_argument("--output", required=True, help="the file to write")
+    x.add_argument("--step", type=int, default=None,
+                   help="the checkpoint to export (default: the latest)")
+    x.set_defaults(run=_export)
     args, rest = parser.parse_known_args(argv)
-    overrides = _split_overrides(rest, p)
+    sub_parser = {"train": p, "eval": e, "export": x}[args.command]
+    overrides = _split_overrides(rest, sub_parser)
 
     from jaxssl.configuration import ConfigError
     try:
-        return _train(args, overrides)
+        return args.run(args, overrides)
     except ConfigError as e:
         print(f"jaxssl: error: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,8 @@ import ml_collections
 from ml_collections import config_dict
 
 __all__ = ["ConfigError", "default_config", "load_config", "apply_overrides", "CONFIG_DIR",
-           "flat_fields", "validate", "METHODS"]
+           "flat_fields", "validate", "METHODS",
+           "load_workdir_config"]
 
 # The configs/ folder of a source checkout: `--config demo` means configs/demo.py there.
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -103,6 +104,23 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.bank_examples = 0  # train examples in the kNN bank (0 = all)
     c.eval.query_examples = 0  # eval-split examples queried (0 = all)
     c.eval.batch_size = 512  # images per forward pass when computing features
+    # The online probe: a linear classifier trained during pretraining on stop-gradient
+    # features (metric train/online_top1), where the train split has labels.
+    c.eval.online_probe = True
+    c.eval.online_probe_lr = 0.1  # SGD, Nesterov momentum 0.9, cosine to 0, not batch-scaled
+    # `jaxssl eval linear`: a linear classifier on frozen eval-mode features of the train split.
+    c.eval.linear_epochs = 100
+    c.eval.linear_batch_size = 256
+    c.eval.linear_lr = 0.1  # at batch 256; scaled linearly with linear_batch_size
+    c.eval.linear_optimizer = "sgd"  # "sgd" (Nesterov momentum 0.9) or "lars"; no weight decay
+    c.eval.linear_standardize = True  # features standardised with the train split's statistics
+    # `jaxssl eval finetune`: the whole network on a class-balanced fraction of the labels.
+    c.eval.finetune_fraction = 0.1  # 0.01 and 0.1 are SimCLR's semi-supervised settings
+    c.eval.finetune_epochs = 30  # SimCLR: 60 for 1%, 30 for 10%
+    c.eval.finetune_batch_size = 256
+    c.eval.finetune_lr = 0.05  # at batch 256, scaled linearly; Nesterov SGD, cosine, no decay
+    c.eval.finetune_weight_decay = 0.0
+    c.eval.finetune_crop_scale = (0.08, 1.0)  # random resized crop + flip, nothing else
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.keep = 3  # the last few; the best by eval/knn_top1 is kept too
@@ -186,6 +204,51 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
                           "jaxssl.configuration.default_config()")
     config.lock()
     return config
+
+
+def load_workdir_config(workdir: str) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """The config a training run wrote to workdir/config.json, on today's defaults, locked.
+
+    Fields added to jaxssl since the run take their defaults; fields the file has that jaxssl no
+    longer knows are returned by name (second element) and otherwise ignored. ConfigError when
+    the workdir or its config.json is missing or unreadable.
+    """
+    import json
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isdir(workdir):
+        raise ConfigError(f"workdir {workdir} does not exist; pass the --workdir of a training run")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{workdir} has no config.json: it is not the workdir of a training run "
+                          "(jaxssl train --workdir DIR writes one)")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path}: {_one_line(e)}") from e
+    config, ignored = default_config(), []
+
+    def assign(node, tree, prefix):
+        for key, value in tree.items():
+            if key not in node:
+                ignored.append(prefix + key)
+            elif isinstance(node[key], ml_collections.ConfigDict):
+                if isinstance(value, dict):
+                    assign(node[key], value, f"{prefix}{key}.")
+                else:
+                    ignored.append(prefix + key)
+            else:
+                kind = node.get_type(key)
+                value = tuple(value) if kind is tuple and isinstance(value, list) else value
+                value = float(value) if kind is float and isinstance(value, int) else value
+                try:
+                    node[key] = value
+                except TypeError as e:
+                    raise ConfigError(f"{path}: field {prefix}{key} = {value!r} does not fit "
+                                      f"({_one_line(e)})") from e
+
+    assign(config, saved, "")
+    return config, ignored
 
 
 def _one_line(e: BaseException) -> str:
@@ -294,6 +357,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(config.eval.knn_k >= 1, f"eval.knn_k must be >= 1; got {config.eval.knn_k}")
     _check(config.eval.knn_temperature > 0, "eval.knn_temperature must be positive")
     _check(config.eval.batch_size > 0, "eval.batch_size must be positive")
+    e = config.eval
+    _check(e.online_probe_lr > 0, f"eval.online_probe_lr must be positive; got {e.online_probe_lr}")
+    for field in ("linear_epochs", "linear_batch_size", "linear_lr", "finetune_epochs",
+                  "finetune_batch_size", "finetune_lr"):
+        _check(e[field] > 0, f"eval.{field} must be positive; got {e[field]}")
+    _choice("eval.linear_optimizer", e.linear_optimizer, ("sgd", "lars"))
+    _check(0 < e.finetune_fraction <= 1, f"eval.finetune_fraction must lie in (0, 1], e.g. 0.01 "
+                                         f"or 0.1; got {e.finetune_fraction}")
+    _check(e.finetune_weight_decay >= 0, "eval.finetune_weight_decay must be >= 0")
+    scale = tuple(e.finetune_crop_scale)
+    _check(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
+           f"eval.finetune_crop_scale must be (low, high) with 0 < low <= high <= 1; got {scale}")
     _check(config.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1; got {config.checkpoint.keep}")
     if config.data.source == "tfds":
         _check(bool(config.data.name), "data.source 'tfds' needs data.name, e.g. "

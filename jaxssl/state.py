@@ -21,6 +21,7 @@ class TrainState:
 
     momentum_params, momentum_batch_stats: the EMA (momentum / key) encoder, or None.
     queue: MoCo's queue of negatives, or None.
+    probe: the online linear probe (`jaxssl.probe.ProbeState`), or None.
     """
 
     step: jax.Array
@@ -30,6 +31,7 @@ class TrainState:
     momentum_params: Any = None
     momentum_batch_stats: Any = None
     queue: Any = None
+    probe: Any = None
 
 
 def create_train_state(
@@ -39,9 +41,11 @@ def create_train_state(
     *,
     with_momentum_encoder: bool = False,
     queue: Any = None,
+    probe: Any = None,
 ) -> TrainState:
     """A state at step 0 with a fresh optimizer state (and a copy of the encoder as its EMA, and
-    MoCo's queue, `jaxssl.queue.init_queue`, when given)."""
+    MoCo's queue, `jaxssl.queue.init_queue`, and an online probe, `jaxssl.probe.init_probe`,
+    when given)."""
     copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731  (distinct buffers, donatable)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -51,4 +55,5 @@ def create_train_state(
         momentum_params=copy(params) if with_momentum_encoder else None,
         momentum_batch_stats=copy(batch_stats) if with_momentum_encoder else None,
         queue=queue,
+        probe=probe,
     )

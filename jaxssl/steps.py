@@ -7,6 +7,7 @@ functools.partial and compile with `jaxssl.parallel.compile_step` (or your own j
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxssl import ema
+from jaxssl.probe import probe_update
 from jaxssl.losses import info_nce_with_accuracy, moco_info_nce_with_accuracy
 from jaxssl.queue import enqueue
 from jaxssl.state import TrainState
@@ -37,6 +39,27 @@ def example_keys(key: jax.Array, step: jax.Array, batch_size: int,
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, positions)
 
 
+def _unpack(batch):
+    """(views or images, labels or None) of a step's batch: the bare views/images, or a dict
+    with "views" or "images" and optionally "labels" (int32 [b]), as the pipeline yields."""
+    if isinstance(batch, Mapping):
+        return (batch["views"] if "views" in batch else batch["images"]), batch.get("labels")
+    return batch, None
+
+
+def _online_probe(state, features, labels, probe_tx, axis_name):
+    """(state with the probe stepped, its metrics); nothing when no probe is configured."""
+    if probe_tx is None:
+        return state, {}
+    if labels is None or state.probe is None or features is None:
+        raise ValueError("the online probe (probe_tx) needs a state with a probe "
+                         "(jaxssl.probe.init_probe), batches with \"labels\" and a model "
+                         "whose outputs have \"features\"")
+    probe, metrics = probe_update(state.probe, features, labels, tx=probe_tx,
+                                  axis_name=axis_name)
+    return state.replace(probe=probe), metrics
+
+
 def _augment(views, key, step, augment_fn, axis_name):
     """views as they are, or augment_fn's (x1, x2) with one key per local example."""
     if augment_fn is None:
@@ -53,7 +76,7 @@ def _global_norm(tree) -> jax.Array:
 
 def simclr_step(
     state: TrainState,
-    views: Any,
+    batch: Any,
     key: jax.Array,
     *,
     apply_fn: Callable,
@@ -62,14 +85,16 @@ def simclr_step(
     axis_name: str | None = None,
     average_batch_stats: bool = False,
     augment_fn: Callable | None = None,
+    probe_tx: optax.GradientTransformation | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SimCLR update.
 
     Args:
       state: TrainState (replicated when sharded).
-      views: (x1, x2), each [b, H, W, C] float: two augmented views of the same b images (the
+      batch: (x1, x2), each [b, H, W, C] float: two augmented views of the same b images (the
         local shard of the global batch inside shard_map). With `augment_fn`, raw images
-        [b, H, W, C] (any dtype augment_fn accepts) instead.
+        [b, H, W, C] (any dtype augment_fn accepts) instead. Or a dict holding those as
+        "views" (or "images") and the labels int32 [b] as "labels" (needed by probe_tx).
       key: root PRNG key; each example's key is derived from it, the step and the example's
         global position (`example_keys`).
       apply_fn: `apply_fn(params, batch_stats, images, *, train) -> (outputs, new_batch_stats)`,
@@ -83,11 +108,16 @@ def simclr_step(
         False for global BN, whose statistics are already identical.
       augment_fn: optional `augment_fn(batch, keys) -> (x1, x2)` run on the device, keys [b]
         one per local example (e.g. `jaxssl.data.augment_jax.make_device_augment`).
+      probe_tx: the online probe's optimizer (`jaxssl.probe`): state.probe is trained on the
+        stop-gradient backbone features of both views and the batch's labels. It does not
+        change the encoder's update.
 
     Returns:
       (new_state, metrics) with float32 scalar metrics "train/loss",
-      "train/contrastive_top1" and "train/grad_norm", equal on every device.
+      "train/contrastive_top1" and "train/grad_norm" (and the probe's "train/online_loss",
+      "train/online_top1"), equal on every device.
     """
+    views, labels = _unpack(batch)
     views = _augment(views, key, state.step, augment_fn, axis_name)
     x1, x2 = views
     if x1.shape != x2.shape:
@@ -104,13 +134,12 @@ def simclr_step(
         loss, accuracy = info_nce_with_accuracy(
             z[:b], z[b:], temperature=temperature, axis_name=axis_name
         )
-        return loss, (accuracy, new_batch_stats)
+        return loss, (accuracy, new_batch_stats, outputs.get("features"))
 
     # The loss is already the global mean (pmean inside info_nce), so under shard_map the
     # gradient with respect to the replicated parameters is the global gradient.
-    (loss, (accuracy, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params
-    )
+    (loss, (accuracy, new_batch_stats, features)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
     if axis_name is not None and average_batch_stats:
         new_batch_stats = jax.lax.pmean(new_batch_stats, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -118,10 +147,15 @@ def simclr_step(
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=new_batch_stats, opt_state=opt_state
     )
+    # Rows [0, b) of the features are view 1 and [b, 2b) view 2 of the same b images.
+    new_state, probe_metrics = _online_probe(
+        new_state, features, None if labels is None else jnp.concatenate([labels, labels]),
+        probe_tx, axis_name)
     metrics = {
         "train/loss": loss,
         "train/contrastive_top1": accuracy,
         "train/grad_norm": _global_norm(grads),
+        **probe_metrics,
     }
     return new_state, metrics
 
@@ -163,7 +197,7 @@ def _key_forward(momentum_params, momentum_batch_stats, x, shuffle_key, *, apply
 
 def moco_step(
     state: TrainState,
-    views: Any,
+    batch: Any,
     key: jax.Array,
     *,
     apply_fn: Callable,
@@ -175,14 +209,16 @@ def moco_step(
     axis_name: str | None = None,
     average_batch_stats: bool = False,
     augment_fn: Callable | None = None,
+    probe_tx: optax.GradientTransformation | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One MoCo (v2) update: queries from the trained encoder, keys from its EMA, a queue.
 
     Args:
       state: TrainState with momentum_params, momentum_batch_stats (the key encoder) and queue
         (`jaxssl.queue.Queue`, K a multiple of the keys enqueued per step).
-      views, key, apply_fn, tx, axis_name, augment_fn: as for `simclr_step`. x1 gives the
-        queries, x2 their keys (and the reverse too when symmetric).
+      batch, key, apply_fn, tx, axis_name, augment_fn, probe_tx: as for `simclr_step`. x1
+        gives the queries, x2 their keys (and the reverse too when symmetric); the online
+        probe sees the query encoder's features of the query views.
       temperature: InfoNCE temperature.
       momentum_fn: step -> EMA momentum m (`jaxssl.ema.constant_momentum(0.99)`, ...).
       symmetric: both views serve as queries (MoCo's CIFAR demo): the loss is the sum of the
@@ -199,6 +235,7 @@ def moco_step(
     next step). Returns (new_state, metrics): "train/loss", "train/contrastive_top1" (the
     positive key outscores every queued one), "train/grad_norm", "train/ema_momentum".
     """
+    views, labels = _unpack(batch)
     views = _augment(views, key, state.step, augment_fn, axis_name)
     x1, x2 = views
     # The shuffle permutations are drawn from the step's key by split, apart from the
@@ -217,16 +254,19 @@ def moco_step(
         out1, stats = apply_fn(params, state.batch_stats, x1, train=True)
         loss, acc = moco_info_nce_with_accuracy(out1["projection"], k2, negatives,
                                                 temperature=temperature, axis_name=axis_name)
+        features = out1.get("features")
         if symmetric:
             out2, stats = apply_fn(params, stats, x2, train=True)
             loss2, acc2 = moco_info_nce_with_accuracy(out2["projection"], k1, negatives,
                                                       temperature=temperature,
                                                       axis_name=axis_name)
             loss, acc = loss + loss2, (acc + acc2) / 2
-        return loss, (acc, stats)
+            if features is not None:
+                features = jnp.concatenate([features, out2["features"]])
+        return loss, (acc, stats, features)
 
-    (loss, (accuracy, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    (loss, (accuracy, new_stats, features)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
     if axis_name is not None and average_batch_stats:
         new_stats = jax.lax.pmean(new_stats, axis_name)
         momentum_stats = jax.lax.pmean(momentum_stats, axis_name)
@@ -240,10 +280,14 @@ def moco_step(
         momentum_batch_stats=momentum_stats,
         queue=enqueue(state.queue, new_keys),
     )
+    if labels is not None and symmetric:
+        labels = jnp.concatenate([labels, labels])  # the features of x1, then of x2
+    new_state, probe_metrics = _online_probe(new_state, features, labels, probe_tx, axis_name)
     metrics = {
         "train/loss": loss,
         "train/contrastive_top1": accuracy,
         "train/grad_norm": _global_norm(grads),
         "train/ema_momentum": jnp.asarray(m, jnp.float32),
+        **probe_metrics,
     }
     return new_state, metrics

@@ -13,7 +13,6 @@ restart would cut short), so a resumed run's metrics.jsonl equals an uninterrupt
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -22,15 +21,12 @@ import time
 from typing import Any, TextIO
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from jaxssl import configuration, ema, models, optim, parallel, queue as queue_lib
-from jaxssl import state as state_lib, steps
+from jaxssl import configuration, experiment, parallel
 from jaxssl.checkpoint import Checkpointer, IncompatibleCheckpointError
 from jaxssl.configuration import ConfigError
-from jaxssl.data import augment_jax, pipeline, preview, recipes, sources
+from jaxssl.data import pipeline, preview
 from jaxssl.evaluate.features import FeatureExtractor
 from jaxssl.evaluate.knn import knn_top1
 from jaxssl.preemption import StopRequest
@@ -53,30 +49,6 @@ class RunResult:
     state: Any = None  # the final TrainState (replicated over the mesh)
 
 
-# data.source -> how a split of it is loaded from the config's data fields.
-_LOADERS = {
-    "builtin": lambda d, split, train: sources.load_builtin(split),
-    "cifar10_npz": lambda d, split, train: sources.load_cifar10_npz(d.path, split),
-    "tfds": lambda d, split, train: sources.load_tfds(
-        d.name, split, data_dir=d.data_dir or None, image_size=d.image_size or None),
-    "folder": lambda d, split, train: (sources.load_folder(d.path) if train else
-                                       sources.load_folder(d.eval_path, labelled=True)
-                                       if d.eval_path else None),
-}
-
-
-def _load_data(d: ml_collections.ConfigDict, with_eval: bool):
-    try:
-        train_source = _LOADERS[d.source](d, d.train_split, True)
-        eval_source = _LOADERS[d.source](d, d.eval_split, False) if with_eval else None
-    except (ValueError, FileNotFoundError) as e:  # loaders say what is wrong in one line
-        raise ConfigError(str(e).splitlines()[0]) from e
-    if d.augment == "device" and train_source.images is None:
-        raise ConfigError(f"data.augment='device' needs images in memory; {train_source.name} is "
-                          "read from files: use --config.data.augment=host (or split)")
-    return train_source, eval_source
-
-
 def _prepare_workdir(workdir: str) -> str:
     workdir = os.path.abspath(os.path.expanduser(workdir))
     probe = os.path.join(workdir, f".write_test.{os.getpid()}")
@@ -89,13 +61,6 @@ def _prepare_workdir(workdir: str) -> str:
         raise ConfigError(f"cannot write to workdir {workdir} ({e.strerror or e}); pass a "
                           "--workdir you can write to") from e
     return workdir
-
-
-def _subset(n: int, limit: int, seed: int) -> np.ndarray:
-    """The first `limit` of a fixed permutation of range(n) (all of it when limit is 0), sorted."""
-    if not limit or limit >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
 
 
 def _write_config(config, workdir: str, say) -> None:
@@ -122,38 +87,6 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
         else:
             out[prefix + k] = v
     return out
-
-
-def _moco_step(config, mesh, apply_fn, tx, augment_fn, total_steps):
-    """moco_step bound to the config, and the initial queue; ConfigError for what cannot run."""
-    mc, n_dev = config.moco, mesh.shape[parallel.DATA_AXIS]
-    keys_per_step = config.batch_size * (2 if mc.symmetric else 1)
-    try:
-        queue_lib.check_queue_size(mc.queue_size, keys_per_step)
-    except ValueError as e:
-        raise ConfigError(str(e).replace("queue size K", "moco.queue_size")) from e
-    groups = 1
-    if config.model.bn == "local" and mc.bn_groups:
-        # bn_groups counts groups over the global batch: per device, bn_groups / devices.
-        if mc.bn_groups % n_dev or (config.batch_size // n_dev) % (mc.bn_groups // n_dev):
-            raise ConfigError(
-                f"moco.bn_groups {mc.bn_groups} does not split over {n_dev} devices with "
-                f"{config.batch_size // n_dev} images each; use a multiple of {n_dev} that "
-                "divides the batch")
-        groups = mc.bn_groups // n_dev
-    if mc.momentum_schedule == "cosine":
-        momentum_fn = ema.cosine_momentum(mc.momentum, total_steps)
-    else:
-        momentum_fn = ema.constant_momentum(mc.momentum)
-    step_fn = functools.partial(
-        steps.moco_step, apply_fn=models.split_bn_apply_fn(apply_fn, groups), tx=tx,
-        temperature=config.loss.temperature, momentum_fn=momentum_fn, symmetric=mc.symmetric,
-        shuffle_bn=mc.shuffle_bn,
-        average_batch_stats=parallel.BN_MODES[config.model.bn].average_batch_stats,
-        augment_fn=augment_fn)
-    queue = queue_lib.init_queue(jax.random.fold_in(jax.random.key(config.seed), 2),
-                                 mc.queue_size, config.model.out_dim)
-    return step_fn, queue
 
 
 def _finite_values(step: int, metrics: dict, last_good: int | None, ckpt_dir: str) -> dict:
@@ -188,56 +121,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     workdir = _prepare_workdir(workdir)
     mesh = mesh or parallel.make_mesh()
     n_dev = mesh.shape[parallel.DATA_AXIS]
-    if config.batch_size % n_dev:
-        raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {n_dev} "
-                          f"devices; use a multiple of {n_dev}, e.g. "
-                          f"--config.batch_size={max(n_dev, config.batch_size // n_dev * n_dev)}")
-    d, m, o = config.data, config.model, config.optim
-    train_source, eval_source = _load_data(d, config.eval.knn)
-    try:
-        plan = pipeline.BatchPlan(train_source.num_examples, config.batch_size, config.seed,
-                                  jax.process_index(), jax.process_count())
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    steps_per_epoch = plan.steps_per_epoch
-    total_steps = config.num_steps or int(config.num_epochs * steps_per_epoch)
-    warmup_steps = min(total_steps, round(o.warmup_epochs * steps_per_epoch))
-
-    # The model, optimizer and step.
-    bn = parallel.BN_MODES[m.bn]
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.dtype]
-    model = models.create_model(
-        m.encoder, cifar_stem=m.cifar_stem, width=m.width, zero_init_last_bn=m.zero_init_last_bn,
-        head_hidden_dims=tuple(m.head_hidden_dims), out_dim=m.out_dim, output_bn=m.output_bn,
-        bn_axis_name=bn.model_axis_name, dtype=dtype)
-    apply_fn = models.flax_apply_fn(model)
-    train_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    # Initialised with the "rbg" generator: XLA compiles its random bits in a third of the time
-    # of threefry's for a ResNet (3 s instead of 8 s on a CPU); the values are as random.
-    init_key = jax.random.key(config.seed, impl="rbg")
-    params, batch_stats = models.init_variables(model, init_key, (1, d.out_size, d.out_size, 3),
-                                                jit=True)
-    peak_lr = optim.scale_learning_rate(o.base_lr, config.batch_size, o.lr_scaling)
-    schedule = optim.warmup_cosine_schedule(peak_lr, warmup_steps, total_steps, o.end_lr)
-    tx = optim.make_optimizer(o.name, schedule, weight_decay=o.weight_decay, momentum=o.momentum,
-                              nesterov=o.nesterov, trust_coefficient=o.trust_coefficient,
-                              b1=o.b1, b2=o.b2)
-    recipe = recipes.get_recipe(d.recipe)
-    augment_fn = None if d.augment == "host" else augment_jax.make_device_augment(
-        recipe, d.out_size, train_source.mean, train_source.std, mode=d.augment, dtype=dtype)
-    if config.method == "moco":
-        step_fn, queue = _moco_step(config, mesh, apply_fn, tx, augment_fn, total_steps)
-    else:
-        queue = None
-        step_fn = functools.partial(
-            steps.simclr_step, apply_fn=apply_fn, tx=tx, temperature=config.loss.temperature,
-            average_batch_stats=bn.average_batch_stats, augment_fn=augment_fn)
-    train_step = parallel.compile_step(step_fn, mesh)
-    state = jax.device_put(
-        state_lib.create_train_state(params, batch_stats, tx, queue=queue,
-                                     with_momentum_encoder=config.method == "moco"),
-        parallel.replicated(mesh))
-    train_key = jax.device_put(train_key, parallel.replicated(mesh))
+    exp = experiment.build(config, mesh, with_eval=config.eval.knn)
+    d, m = config.data, config.model
+    train_source, eval_source = exp.train_source, exp.eval_source
+    steps_per_epoch, total_steps, schedule = exp.steps_per_epoch, exp.total_steps, exp.schedule
+    train_step = experiment.compiled_step(exp)
+    state = jax.device_put(experiment.initial_state(exp), parallel.replicated(mesh))
+    train_key = jax.device_put(jax.random.fold_in(jax.random.key(config.seed), 1),
+                               parallel.replicated(mesh))
+    if config.eval.online_probe and exp.probe_tx is None:
+        say(f"note: the online probe is off: {train_source.name} has no labels")
 
     # Resume from the latest complete checkpoint, if any.
     ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -255,6 +148,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
             raise ConfigError(str(e)) from e
     if main:
         _write_config(config, workdir, say)
+        # What evaluation and export need to know of the data without loading it again.
+        with open(os.path.join(workdir, "data.json"), "w") as f:
+            json.dump({"name": train_source.name, "num_examples": train_source.num_examples,
+                       "mean": list(train_source.mean), "std": list(train_source.std),
+                       "class_names": list(train_source.class_names or []),
+                       "image_size": d.out_size}, f, indent=2)
     log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
     if main:
         log.truncate_after(start)
@@ -271,11 +170,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
                         temperature=config.eval.knn_temperature, mesh=mesh)
 
     if knn_on:
-        extract = FeatureExtractor(apply_fn, mesh, mean=train_source.mean, std=train_source.std,
-                                   size=d.out_size, batch_size=config.eval.batch_size, dtype=dtype)
-        bank_idx = _subset(train_source.num_examples, config.eval.bank_examples, config.seed)
-        query_idx = _subset(eval_source.num_examples, config.eval.query_examples, config.seed)
-        num_classes = max(len(train_source.class_names or ()), int(train_source.labels.max()) + 1)
+        extract = FeatureExtractor(exp.apply_fn, mesh, mean=train_source.mean,
+                                   std=train_source.std, size=d.out_size,
+                                   batch_size=config.eval.batch_size, dtype=exp.dtype)
+        bank_idx = experiment.subset(train_source.num_examples, config.eval.bank_examples,
+                                     config.seed)
+        query_idx = experiment.subset(eval_source.num_examples, config.eval.query_examples,
+                                      config.seed)
+        num_classes = exp.num_classes
     elif config.eval.knn:
         say("note: kNN evaluation is off: it needs labelled train and eval data "
             f"({d.source} gives none)")
@@ -289,7 +191,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
             f"on {n_dev} {jax.devices()[0].platform} device(s); workdir {workdir}")
         if main:
             preview.write_preview(os.path.join(workdir, "augment_preview.png"), train_source,
-                                  recipe, d.out_size, seed=config.seed,
+                                  exp.recipe, d.out_size, seed=config.seed,
                                   mode="device" if d.augment == "device" else "host")
         if knn_on:
             t0 = time.perf_counter()
@@ -305,10 +207,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     bar = ProgressBar(total_steps, config.batch_size, stream=stream) if main else None
     batches = pipeline.make_pipeline(
         train_source, global_batch=config.batch_size, seed=config.seed, mode=d.augment,
-        recipe=recipe, out_size=d.out_size, start_step=start, num_steps=end - start,
+        recipe=exp.recipe, out_size=d.out_size, start_step=start, num_steps=end - start,
         process_index=jax.process_index(), process_count=jax.process_count(),
         prefetch=d.prefetch, threads=d.threads or None)
-    batch_key = "images" if d.augment == "device" else "views"
+    fields = ("images" if d.augment == "device" else "views",) + (
+        ("labels",) if exp.probe_tx is not None else ())
     pending = None  # (step, metrics) of the newest step whose values are not yet checked
     values, rate = None, None
     window_start, window_steps = time.perf_counter(), 0
@@ -316,8 +219,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
         with StopRequest() as stop:
             for step in range(start, end):
                 batch = next(batches)
-                state, metrics = train_step(state, parallel.host_to_global(batch[batch_key], mesh),
-                                            train_key)
+                batch = parallel.host_to_global({f: batch[f] for f in fields}, mesh)
+                state, metrics = train_step(state, batch, train_key)
                 n = step + 1
                 # Check the previous step while this one runs: one step of lag keeps the device
                 # busy and still stops before a non-finite state is ever saved.
@@ -403,6 +306,8 @@ def _log_line(record: dict[str, Any], total: int, batch: int) -> str:
     if rate:
         parts.append(f"{rate:,.0f} img/s")
         parts.append(f"ETA {format_duration((total - record['step']) * batch / rate)}")
+    if "train/online_top1" in record:
+        parts.append(f"probe top-1 {record['train/online_top1']:.3f}")
     if "eval/knn_top1" in record:
         parts.append(f"kNN top-1 {record['eval/knn_top1']:.4f}")
     return " | ".join(parts)

@@ -48,13 +48,14 @@ def eval_images(source, indices: Sequence[int], size: int, crop_fraction: float 
 class FeatureExtractor:
     """Eval-mode backbone features of dataset images, computed on every device of `mesh`.
 
-    apply_fn: as for the steps (`outputs["features"]` is used). mean, std: per-channel
-    normalisation of pixel / 255 (the training source's). batch_size: global images per forward
-    pass, rounded up to a multiple of the devices.
+    apply_fn: as for the steps; `outputs[output]` is returned ("features", the backbone's
+    representation, or e.g. "logits" of a `jaxssl.evaluate.finetune.Classifier`). mean, std:
+    per-channel normalisation of pixel / 255 (the training source's). batch_size: global images
+    per forward pass, rounded up to a multiple of the devices.
     """
 
     def __init__(self, apply_fn: Callable, mesh: Mesh, *, mean, std, size: int,
-                 batch_size: int = 512, dtype=jnp.float32):
+                 batch_size: int = 512, dtype=jnp.float32, output: str = "features"):
         self.mesh, self.size = mesh, size
         n_dev = mesh.shape[DATA_AXIS]
         self.batch_size = -(-batch_size // n_dev) * n_dev
@@ -64,7 +65,7 @@ class FeatureExtractor:
         def features(params, batch_stats, images):
             x = ((images.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
             outputs, _ = apply_fn(params, batch_stats, x, train=False)
-            f = outputs["features"].astype(jnp.float32)
+            f = outputs[output].astype(jnp.float32)
             return f, jnp.all(jnp.isfinite(f))
 
         self._features = jax.jit(features)

@@ -1,0 +1,240 @@
+"""Evaluations and export of a trained workdir: `jaxssl eval knn|linear|finetune`, `jaxssl export`.
+
+Each reads the run's config (workdir/config.json, with command-line overrides) and a checkpoint
+(the latest, or --step), runs on every device of the mesh, and writes its result to
+workdir/eval/<kind>.json. The encoder is never changed in the workdir.
+
+- knn: the trainer's monitor (same bank, queries, k and temperature, so the same number as
+  eval/knn_top1 in metrics.jsonl at that step), plus top-5.
+- linear: eval-mode features of the whole train split, computed once and kept on the devices,
+  and a linear classifier trained on them (`jaxssl.evaluate.linear`); top-1/top-5 on the eval
+  split.
+- finetune: the backbone and a new linear classifier trained on a class-balanced fraction of
+  the labels (`jaxssl.evaluate.finetune`); top-1/top-5 on the eval split.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, TextIO
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxssl import experiment, models, optim, parallel, state as state_lib
+from jaxssl.configuration import ConfigError
+from jaxssl.data import pipeline
+from jaxssl.evaluate import finetune as finetune_lib, linear as linear_lib
+from jaxssl.evaluate.features import FeatureExtractor, eval_images
+from jaxssl.evaluate.knn import knn_scores
+
+__all__ = ["KINDS", "evaluate", "export"]
+
+
+def _topk(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Fraction of rows whose label is among the k highest scores (ties count for the label)."""
+    label_score = scores[np.arange(len(labels)), labels]
+    return float(np.mean(np.sum(scores > label_score[:, None], axis=1) < k))
+
+
+def _extractor(exp, apply_fn=None, output="features") -> FeatureExtractor:
+    c = exp.config
+    return FeatureExtractor(apply_fn or exp.apply_fn, exp.mesh, mean=exp.train_source.mean,
+                            std=exp.train_source.std, size=c.data.out_size,
+                            batch_size=c.eval.batch_size, dtype=exp.dtype, output=output)
+
+
+def _knn(exp, params, batch_stats, say) -> dict[str, Any]:
+    c, train, test = exp.config, exp.train_source, exp.eval_source
+    extract = _extractor(exp)
+    bank_idx = experiment.subset(train.num_examples, c.eval.bank_examples, c.seed)
+    query_idx = experiment.subset(test.num_examples, c.eval.query_examples, c.seed)
+    bank = extract(params, batch_stats, train, bank_idx)
+    queries = extract(params, batch_stats, test, query_idx)
+    scores = knn_scores(bank, train.labels[bank_idx], queries, num_classes=exp.num_classes,
+                        k=c.eval.knn_k, temperature=c.eval.knn_temperature, mesh=exp.mesh)
+    y = test.labels[query_idx]
+    return {"top1": _topk(scores, y, 1), "top5": _topk(scores, y, 5),
+            "settings": {"k": c.eval.knn_k, "temperature": c.eval.knn_temperature,
+                         "bank_examples": len(bank_idx), "query_examples": len(query_idx)}}
+
+
+def _linear(exp, params, batch_stats, say) -> dict[str, Any]:
+    c, e, train, test = exp.config, exp.config.eval, exp.train_source, exp.eval_source
+    extract = _extractor(exp)
+    t0 = time.perf_counter()
+    train_features = extract(params, batch_stats, train, np.arange(train.num_examples))
+    test_features = extract(params, batch_stats, test, np.arange(test.num_examples))
+    say(f"features of {train.num_examples} train and {test.num_examples} eval images "
+        f"({train_features.shape[1]}-d) in {time.perf_counter() - t0:.0f} s; training the "
+        f"classifier for {e.linear_epochs} epochs")
+    lr = optim.scale_learning_rate(e.linear_lr, e.linear_batch_size, "linear")
+    classifier = linear_lib.train_linear_classifier(
+        train_features, train.labels, num_classes=exp.num_classes, epochs=e.linear_epochs,
+        batch_size=e.linear_batch_size, learning_rate=lr, optimizer=e.linear_optimizer,
+        standardize=e.linear_standardize, seed=c.seed, mesh=exp.mesh)
+    metrics = linear_lib.evaluate_linear_classifier(classifier, test_features, test.labels,
+                                                    mesh=exp.mesh)
+    train_metrics = linear_lib.evaluate_linear_classifier(classifier, train_features,
+                                                          train.labels, mesh=exp.mesh)
+    return {"top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
+            "train_top1": train_metrics["top1"],
+            "settings": {"epochs": e.linear_epochs, "batch_size": e.linear_batch_size,
+                         "learning_rate": lr, "optimizer": e.linear_optimizer,
+                         "standardize": e.linear_standardize,
+                         "train_examples": train.num_examples}}
+
+
+def _finetune(exp, params, batch_stats, say) -> dict[str, Any]:
+    c, e, mesh, train, test = exp.config, exp.config.eval, exp.mesh, exp.train_source, \
+        exp.eval_source
+    n_dev, size = mesh.shape[parallel.DATA_AXIS], c.data.out_size
+    idx = finetune_lib.label_fraction(train.labels, e.finetune_fraction, c.seed)
+    unit = n_dev * jax.process_count() // np.gcd(n_dev, jax.process_count())
+    batch = min(e.finetune_batch_size, len(idx)) // unit * unit
+    if batch == 0:
+        raise ConfigError(f"{len(idx)} labelled examples cannot fill a batch on {n_dev} devices; "
+                          "raise eval.finetune_fraction")
+    # The labelled subset is small (a fraction of the train split): held in memory as uint8,
+    # at the training size when the source stores other sizes.
+    images = (train.images[idx] if train.images is not None
+              else eval_images(train, idx, size))
+    labels = train.labels[idx].astype(np.int32)
+    plan = pipeline.BatchPlan(len(idx), batch, c.seed, jax.process_index(), jax.process_count())
+    total = e.finetune_epochs * plan.steps_per_epoch
+    lr = optim.scale_learning_rate(e.finetune_lr, batch, "linear")
+    tx = optim.make_optimizer("sgd", optim.warmup_cosine_schedule(lr, 0, total),
+                              weight_decay=e.finetune_weight_decay, momentum=0.9, nesterov=True)
+    model = finetune_lib.Classifier(backbone=exp.model.backbone, num_classes=exp.num_classes)
+    init_params, _ = models.init_variables(model, jax.random.key(c.seed, impl="rbg"),
+                                           (1, size, size, 3), jit=True)
+    start = {"backbone": params["backbone"], "classifier": init_params["classifier"]}
+    apply_fn = models.flax_apply_fn(model)
+    state = jax.device_put(
+        state_lib.create_train_state(start, {"backbone": batch_stats["backbone"]}, tx),
+        parallel.replicated(mesh))
+    step_fn = parallel.compile_step(functools.partial(
+        finetune_lib.finetune_step, apply_fn=apply_fn, tx=tx,
+        augment_fn=finetune_lib.finetune_augment(size, train.mean, train.std,
+                                                 e.finetune_crop_scale, exp.dtype),
+        average_batch_stats=parallel.BN_MODES[c.model.bn].average_batch_stats), mesh)
+    key = jax.device_put(jax.random.fold_in(jax.random.key(c.seed), 3), parallel.replicated(mesh))
+    say(f"fine-tuning on {len(idx)} labelled images ({e.finetune_fraction:g} of "
+        f"{train.num_examples}, class-balanced): {total} steps of batch {batch}")
+    history = []
+    for step in range(total):
+        rows = plan.indices(step)
+        state, metrics = step_fn(state, parallel.host_to_global(
+            {"images": images[rows], "labels": labels[rows]}, mesh), key)
+        if (step + 1) % plan.steps_per_epoch == 0:
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not np.isfinite(values["train/loss"]):
+                raise ConfigError(f"fine-tuning diverged (loss {values['train/loss']}) at step "
+                                  f"{step + 1}; lower eval.finetune_lr")
+            history.append({"epoch": (step + 1) // plan.steps_per_epoch, **values})
+    logits = _extractor(exp, apply_fn, "logits")(state.params, state.batch_stats, test,
+                                                  np.arange(test.num_examples))
+    scores = np.asarray(logits)
+    return {"top1": _topk(scores, test.labels, 1), "top5": _topk(scores, test.labels, 5),
+            "train_history": history,
+            "settings": {"fraction": e.finetune_fraction, "labelled_examples": int(len(idx)),
+                         "epochs": e.finetune_epochs, "batch_size": batch, "learning_rate": lr,
+                         "weight_decay": e.finetune_weight_decay,
+                         "crop_scale": list(e.finetune_crop_scale)}}
+
+
+# kind -> fn(experiment, params, batch_stats, say) -> results with "top1", "top5", "settings".
+KINDS: dict[str, Callable] = {"knn": _knn, "linear": _linear, "finetune": _finetune}
+
+
+def _write_json(path: str, record: dict) -> None:
+    """Atomically: a crash leaves the previous file or the new one, never half of one."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2, default=lambda x: x.item() if hasattr(x, "item") else str(x))
+    os.replace(tmp, path)
+
+
+def evaluate(kind: str, config: ml_collections.ConfigDict, workdir: str, *,
+             step: int | None = None, mesh=None, stream: TextIO | None = None) -> dict[str, Any]:
+    """Run evaluation `kind` (a key of KINDS) of the checkpoint at `step` (default: the latest)
+    in `workdir`; write workdir/eval/<kind>.json and return its record."""
+    stream = stream or sys.stdout
+    main = jax.process_index() == 0
+
+    def say(text: str) -> None:
+        if main:
+            print(text, file=stream, flush=True)
+
+    if kind not in KINDS:
+        raise ConfigError(f"unknown evaluation {kind!r}; choose one of {', '.join(KINDS)}")
+    mesh = mesh or parallel.make_mesh()
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    exp = experiment.build(config, mesh, with_eval=True)
+    if exp.num_classes is None or exp.eval_source is None or exp.eval_source.labels is None:
+        raise ConfigError(f"eval {kind} needs labelled train and eval splits; "
+                          f"{exp.train_source.name} has none (set data.eval_split or "
+                          "data.eval_path)")
+    params, batch_stats, step = experiment.restore_encoder(config, exp.model, mesh, workdir, step)
+    say(f"eval {kind}: {config.model.encoder} at step {step} of {workdir} on "
+        f"{exp.train_source.name} ({mesh.shape[parallel.DATA_AXIS]} "
+        f"{jax.devices()[0].platform} device(s))")
+    t0 = time.perf_counter()
+    result = KINDS[kind](exp, params, batch_stats, say)
+    record = {"kind": kind, "step": step, "workdir": workdir, "dataset": exp.train_source.name,
+              "eval_dataset": exp.eval_source.name, **result,
+              "seconds": round(time.perf_counter() - t0, 1),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    path = os.path.join(workdir, "eval", f"{kind}.json")
+    if main:
+        _write_json(path, record)
+        say(f"{kind} top-1 {record['top1']:.4f}, top-5 {record['top5']:.4f} "
+            f"({record['seconds']:.0f} s); written to {path}")
+    return record
+
+
+def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, fmt: str,
+           step: int | None = None, stream: TextIO | None = None) -> str:
+    """Write the backbone of the checkpoint at `step` (default: the latest) to `output` as
+    `fmt` (a key of `jaxssl.export.FORMATS`); returns the absolute output path."""
+    from jaxssl import export as export_lib
+
+    stream = stream or sys.stdout
+    if fmt not in export_lib.FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; choose one of "
+                          f"{', '.join(export_lib.FORMATS)}")
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    output = os.path.abspath(os.path.expanduser(output))
+    if not os.path.isdir(os.path.dirname(output)):
+        raise ConfigError(f"the folder of --output {output} does not exist; create it first")
+    mesh = parallel.make_mesh(jax.local_devices()[:1])
+    model, _ = experiment.build_model(config)
+    params, batch_stats, step = experiment.restore_encoder(config, model, mesh, workdir, step)
+    m = config.model
+    metadata = {"encoder": m.encoder, "width": str(m.width), "cifar_stem": str(m.cifar_stem),
+                "step": str(step), "image_size": str(config.data.out_size),
+                "method": config.method}
+    data_json = os.path.join(workdir, "data.json")
+    if os.path.isfile(data_json):  # the normalisation the backbone was trained with
+        with open(data_json) as f:
+            data = json.load(f)
+        metadata.update(dataset=str(data["name"]), mean=json.dumps(data["mean"]),
+                        std=json.dumps(data["std"]))
+    if jax.process_index() == 0:
+        try:
+            export_lib.export_backbone(output, jax.device_get(params), jax.device_get(batch_stats),
+                                       format=fmt, metadata=metadata)
+        except OSError as e:
+            raise ConfigError(f"cannot write --output {output}: {e.strerror or e}") from e
+        note = "" if m.width == 64 or fmt != "safetensors" else (
+            f"; width {m.width} is not torchvision's 64: build a ResNet of that width to load it")
+        print(f"exported the {m.encoder} backbone at step {step} of {workdir} to {output} "
+              f"({fmt}){note}", file=stream, flush=True)
+    return output

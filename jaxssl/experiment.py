@@ -1,0 +1,240 @@
+"""What a config builds: the data sources, the model, the optimizer, the step and the state.
+
+Shared by the trainer (`jaxssl.train`) and the evaluations and export of a trained workdir
+(`jaxssl.evaluation`), so that both rebuild the same model and the same state layout from the
+same config, and a checkpoint written by one is read by the other. Every user mistake becomes a
+one-line `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from jaxssl import ema, models, optim, parallel, probe as probe_lib, queue as queue_lib
+from jaxssl import state as state_lib, steps
+from jaxssl.checkpoint import Checkpointer, IncompatibleCheckpointError
+from jaxssl.configuration import ConfigError
+from jaxssl.data import augment_jax, pipeline, recipes, sources
+
+__all__ = ["Experiment", "build", "load_data", "subset", "restore_encoder", "build_model", "compiled_step", "initial_state", "DTYPES"]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# data.source -> how a split of it is loaded from the config's data fields.
+_LOADERS = {
+    "builtin": lambda d, split, train: sources.load_builtin(split),
+    "cifar10_npz": lambda d, split, train: sources.load_cifar10_npz(d.path, split),
+    "tfds": lambda d, split, train: sources.load_tfds(
+        d.name, split, data_dir=d.data_dir or None, image_size=d.image_size or None),
+    "folder": lambda d, split, train: (sources.load_folder(d.path) if train else
+                                       sources.load_folder(d.eval_path, labelled=True)
+                                       if d.eval_path else None),
+}
+
+
+def load_data(d: ml_collections.ConfigDict, with_eval: bool):
+    """(train source, eval source or None) of the config's data group."""
+    try:
+        train_source = _LOADERS[d.source](d, d.train_split, True)
+        eval_source = _LOADERS[d.source](d, d.eval_split, False) if with_eval else None
+    except (ValueError, FileNotFoundError) as e:  # loaders say what is wrong in one line
+        raise ConfigError(str(e).splitlines()[0]) from e
+    if d.augment == "device" and train_source.images is None:
+        raise ConfigError(f"data.augment='device' needs images in memory; {train_source.name} is "
+                          "read from files: use --config.data.augment=host (or split)")
+    return train_source, eval_source
+
+
+def subset(n: int, limit: int, seed: int) -> np.ndarray:
+    """The first `limit` of a fixed permutation of range(n) (all of it when limit is 0), sorted."""
+    if not limit or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything a config builds, before any state exists. `build` makes one."""
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    train_source: Any
+    eval_source: Any  # None when not asked for or not available
+    plan: pipeline.BatchPlan
+    total_steps: int
+    model: Any
+    apply_fn: Callable
+    dtype: Any
+    schedule: Callable
+    tx: optax.GradientTransformation
+    recipe: recipes.Recipe
+    augment_fn: Callable | None
+    num_classes: int | None  # of the train source's labels; None when unlabelled
+    probe_tx: optax.GradientTransformation | None  # the online probe's optimizer, when on
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch
+
+
+def build_model(config: ml_collections.ConfigDict):
+    """(the config's ContrastiveModel, its compute dtype)."""
+    m = config.model
+    dtype = DTYPES[m.dtype]
+    model = models.create_model(
+        m.encoder, cifar_stem=m.cifar_stem, width=m.width, zero_init_last_bn=m.zero_init_last_bn,
+        head_hidden_dims=tuple(m.head_hidden_dims), out_dim=m.out_dim, output_bn=m.output_bn,
+        bn_axis_name=parallel.BN_MODES[m.bn].model_axis_name, dtype=dtype)
+    return model, dtype
+
+
+def build(config: ml_collections.ConfigDict, mesh: Mesh, *, with_eval: bool) -> Experiment:
+    """Load the data and build the model, optimizer and augmentation of `config` on `mesh`."""
+    n_dev = mesh.shape[parallel.DATA_AXIS]
+    if config.batch_size % n_dev:
+        raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {n_dev} "
+                          f"devices; use a multiple of {n_dev}, e.g. "
+                          f"--config.batch_size={max(n_dev, config.batch_size // n_dev * n_dev)}")
+    d, o = config.data, config.optim
+    train_source, eval_source = load_data(d, with_eval)
+    try:
+        plan = pipeline.BatchPlan(train_source.num_examples, config.batch_size, config.seed,
+                                  jax.process_index(), jax.process_count())
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    total_steps = config.num_steps or int(config.num_epochs * plan.steps_per_epoch)
+    warmup_steps = min(total_steps, round(o.warmup_epochs * plan.steps_per_epoch))
+    model, dtype = build_model(config)
+    peak_lr = optim.scale_learning_rate(o.base_lr, config.batch_size, o.lr_scaling)
+    schedule = optim.warmup_cosine_schedule(peak_lr, warmup_steps, total_steps, o.end_lr)
+    tx = optim.make_optimizer(o.name, schedule, weight_decay=o.weight_decay, momentum=o.momentum,
+                              nesterov=o.nesterov, trust_coefficient=o.trust_coefficient,
+                              b1=o.b1, b2=o.b2)
+    recipe = recipes.get_recipe(d.recipe)
+    augment_fn = None if d.augment == "host" else augment_jax.make_device_augment(
+        recipe, d.out_size, train_source.mean, train_source.std, mode=d.augment, dtype=dtype)
+    num_classes = None
+    if train_source.labels is not None:
+        num_classes = max(len(train_source.class_names or ()), int(train_source.labels.max()) + 1)
+    probe_tx = None
+    if config.eval.online_probe and num_classes is not None and num_classes > 1:
+        # Plain SGD with Nesterov momentum, cosine to zero, no weight decay (solo-learn's
+        # online classifier); the lr is not scaled with the batch.
+        probe_tx = optim.make_optimizer(
+            "sgd", optim.warmup_cosine_schedule(config.eval.online_probe_lr, 0, total_steps),
+            momentum=0.9, nesterov=True)
+    return Experiment(config, mesh, train_source, eval_source, plan, total_steps, model,
+                      models.flax_apply_fn(model), dtype, schedule, tx, recipe, augment_fn,
+                      num_classes, probe_tx)
+
+
+def _moco_step(exp: Experiment) -> Callable:
+    """moco_step bound to the config; ConfigError for what cannot run."""
+    config, mc = exp.config, exp.config.moco
+    n_dev = exp.mesh.shape[parallel.DATA_AXIS]
+    keys_per_step = config.batch_size * (2 if mc.symmetric else 1)
+    try:
+        queue_lib.check_queue_size(mc.queue_size, keys_per_step)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("queue size K", "moco.queue_size")) from e
+    groups = 1
+    if config.model.bn == "local" and mc.bn_groups:
+        # bn_groups counts groups over the global batch: per device, bn_groups / devices.
+        if mc.bn_groups % n_dev or (config.batch_size // n_dev) % (mc.bn_groups // n_dev):
+            raise ConfigError(
+                f"moco.bn_groups {mc.bn_groups} does not split over {n_dev} devices with "
+                f"{config.batch_size // n_dev} images each; use a multiple of {n_dev} that "
+                "divides the batch")
+        groups = mc.bn_groups // n_dev
+    if mc.momentum_schedule == "cosine":
+        momentum_fn = ema.cosine_momentum(mc.momentum, exp.total_steps)
+    else:
+        momentum_fn = ema.constant_momentum(mc.momentum)
+    return functools.partial(
+        steps.moco_step, apply_fn=models.split_bn_apply_fn(exp.apply_fn, groups), tx=exp.tx,
+        temperature=config.loss.temperature, momentum_fn=momentum_fn, symmetric=mc.symmetric,
+        shuffle_bn=mc.shuffle_bn,
+        average_batch_stats=parallel.BN_MODES[config.model.bn].average_batch_stats,
+        augment_fn=exp.augment_fn, probe_tx=exp.probe_tx)
+
+
+def compiled_step(exp: Experiment) -> Callable:
+    """The config's train step, jit(shard_map) over the mesh: (state, batch, key) -> (state,
+    metrics). The batch is the pipeline's dict ("images" or "views", and "labels")."""
+    config = exp.config
+    if config.method == "moco":
+        step_fn = _moco_step(exp)
+    else:
+        step_fn = functools.partial(
+            steps.simclr_step, apply_fn=exp.apply_fn, tx=exp.tx,
+            temperature=config.loss.temperature,
+            average_batch_stats=parallel.BN_MODES[config.model.bn].average_batch_stats,
+            augment_fn=exp.augment_fn, probe_tx=exp.probe_tx)
+    return parallel.compile_step(step_fn, exp.mesh)
+
+
+def initial_state(exp: Experiment) -> state_lib.TrainState:
+    """The state at step 0 (not yet placed on the mesh): initialised encoder and head, optimizer
+    state, and MoCo's key encoder and queue and the online probe where the config has them."""
+    config, d = exp.config, exp.config.data
+    # Initialised with the "rbg" generator: XLA compiles its random bits in a third of the time
+    # of threefry's for a ResNet (3 s instead of 8 s on a CPU); the values are as random.
+    init_key = jax.random.key(config.seed, impl="rbg")
+    shape = (1, d.out_size, d.out_size, 3)
+    params, batch_stats = models.init_variables(exp.model, init_key, shape, jit=True)
+    queue = None
+    if config.method == "moco":
+        queue = queue_lib.init_queue(jax.random.fold_in(jax.random.key(config.seed), 2),
+                                     config.moco.queue_size, config.model.out_dim)
+    probe = None
+    if exp.probe_tx is not None:
+        out = jax.eval_shape(lambda: exp.apply_fn(params, batch_stats, jnp.zeros(shape),
+                                                  train=False)[0])
+        probe = probe_lib.init_probe(out["features"].shape[-1], exp.num_classes, exp.probe_tx)
+    return state_lib.create_train_state(params, batch_stats, exp.tx, queue=queue, probe=probe,
+                                        with_momentum_encoder=config.method == "moco")
+
+
+def restore_encoder(config: ml_collections.ConfigDict, model, mesh: Mesh, workdir: str,
+                    step: int | None = None):
+    """(params, batch_stats, step) of the checkpoint at `step` (default: the latest) of a
+    training workdir, replicated over the mesh: the encoder and head only, whatever the
+    optimizer, queue or probe were. ConfigError (one line) for a workdir without checkpoints, a
+    step that was not saved, or a checkpoint of another model."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise ConfigError(f"no checkpoints in {workdir}: pass the --workdir of a training run "
+                          "(jaxssl train --workdir DIR)")
+    d = config.data
+    params, batch_stats = jax.eval_shape(lambda: models.init_variables(
+        model, jax.random.key(0, impl="rbg"), (1, d.out_size, d.out_size, 3)))
+    sharding = parallel.replicated(mesh)
+    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            {"params": params, "batch_stats": batch_stats})
+    ckpt = Checkpointer(ckpt_dir, async_save=False)
+    try:
+        available = ckpt.all_steps()
+        if not available:
+            raise ConfigError(f"no complete checkpoint in {ckpt_dir}: train first, or wait for "
+                              "the first save")
+        step = available[-1] if step is None else step
+        if step not in available:
+            raise ConfigError(f"no checkpoint at step {step} in {ckpt_dir}; saved steps: "
+                              f"{', '.join(map(str, available))}")
+        try:
+            tree = ckpt.restore_subtrees(template, step)
+        except IncompatibleCheckpointError as e:
+            raise ConfigError(str(e)) from e
+    finally:
+        ckpt.close()
+    return tree["params"], tree["batch_stats"], step

@@ -1,0 +1,191 @@
+"""`jaxssl eval knn|linear|finetune` and `jaxssl export` on a tiny trained workdir (8 fake CPU
+devices), the label-fraction subset, and the fine-tuning step (8 devices equal one)."""
+
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from jaxssl import cli, models, parallel, state
+from jaxssl import export as export_lib
+from jaxssl.checkpoint import Checkpointer
+from jaxssl.evaluate import finetune
+from test_train import TINY, tiny_config
+from tiny import IMAGE, assert_trees_close, copy
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    from jaxssl import train
+
+    wd = tmp_path_factory.mktemp("trained")
+    result = train.train(tiny_config(), str(wd))
+    assert result.status == "done" and result.step == 12
+    return str(wd)
+
+
+def _records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _eval(workdir, kind, *extra):
+    assert cli.main(["eval", kind, "--workdir", workdir, *extra]) == 0
+    with open(os.path.join(workdir, "eval", f"{kind}.json")) as f:
+        return json.load(f)
+
+
+def test_the_trainer_logs_the_online_probe(workdir):
+    probe = [r["train/online_top1"] for r in _records(workdir) if "train/online_top1" in r]
+    assert probe and all(0.0 <= p <= 1.0 for p in probe)
+
+
+def test_eval_knn_is_the_trainers_monitor(workdir, capsys):
+    knn = {r["step"]: r["eval/knn_top1"] for r in _records(workdir) if "eval/knn_top1" in r}
+    latest = _eval(workdir, "knn")
+    assert latest["step"] == 12 and latest["top1"] == knn[12]
+    assert latest["top1"] <= latest["top5"] <= 1.0
+    assert "knn top-1" in capsys.readouterr().out
+    assert _eval(workdir, "knn", "--step", "6")["top1"] == knn[6]
+
+
+def test_eval_linear(workdir):
+    record = _eval(workdir, "linear", "--config.eval.linear_epochs=3")
+    assert 0.0 <= record["top1"] <= record["top5"] <= 1.0
+    assert record["settings"]["epochs"] == 3 and record["settings"]["train_examples"] == 5000
+
+
+def test_eval_finetune_on_two_percent_of_the_labels(workdir):
+    record = _eval(workdir, "finetune", "--config.eval.finetune_fraction=0.02",
+                   "--config.eval.finetune_epochs=2", "--config.eval.finetune_batch_size=32")
+    assert 0.0 <= record["top1"] <= record["top5"] <= 1.0
+    assert record["settings"]["labelled_examples"] == 100  # 10 of each of the 10 classes
+    assert len(record["train_history"]) == 2
+
+
+def _checkpoint_backbone(workdir):
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        saved = ckpt._manager.item_metadata(12)
+        saved = getattr(saved, "tree", saved)
+        template = {k: jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), saved[k])
+                    for k in ("params", "batch_stats")}
+        tree = ckpt.restore_subtrees(template, 12)
+    finally:
+        ckpt.close()
+    return jax.device_get(tree["params"]["backbone"]), jax.device_get(
+        tree["batch_stats"]["backbone"])
+
+
+def test_export_both_formats_hold_the_checkpoints_backbone(workdir, tmp_path, capsys):
+    params, stats = _checkpoint_backbone(workdir)
+    out = str(tmp_path / "backbone.msgpack")
+    assert cli.main(["export", "--workdir", workdir, "--format", "msgpack", "--output", out]) == 0
+    p, s, meta = export_lib.load_msgpack(out)
+    assert_trees_close(p, params, rtol=0)
+    assert_trees_close(s, stats, rtol=0)
+    assert meta["encoder"] == "resnet18" and meta["step"] == "12" and "mean" in meta
+    out = str(tmp_path / "backbone.safetensors")
+    assert cli.main(["export", "--workdir", workdir, "--output", out]) == 0
+    from safetensors.numpy import load_file
+
+    p, s = export_lib.from_torchvision_state_dict(load_file(out))
+    assert_trees_close(p, params, rtol=0)
+    assert_trees_close(s, stats, rtol=0)
+    assert "not torchvision's 64" in capsys.readouterr().out  # width 4
+
+
+def _one_line_error(capsys, argv, match):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err, err
+
+
+def test_bad_input_gives_one_line(workdir, tmp_path, capsys):
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    _one_line_error(capsys, ["eval", "knn", "--workdir", str(tmp_path / "nothing")],
+                    "does not exist")
+    _one_line_error(capsys, ["eval", "knn", "--workdir", str(tmp_path)], "no config.json")
+    _one_line_error(capsys, ["eval", "linear", "--workdir", workdir, "--step", "5"],
+                    "saved steps: ")
+    _one_line_error(capsys, ["eval", "knn", "--workdir", workdir, "--config.model.width=8"],
+                    "different model")
+    _one_line_error(capsys, ["export", "--workdir", workdir, "--output",
+                             str(tmp_path / "no" / "such" / "dir.safetensors")], "does not exist")
+    _one_line_error(capsys, ["eval", "finetune", "--workdir", workdir,
+                             "--config.eval.finetune_fraction=2"], "finetune_fraction")
+    with pytest.raises(SystemExit):  # argparse: exit 2 with the valid choices
+        cli.main(["export", "--workdir", workdir, "--format", "pickle", "--output", "x"])
+    assert "safetensors" in capsys.readouterr().err
+    # The failures lost nothing that was saved.
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.1, 0.37])
+def test_label_fraction_is_balanced_and_reproducible(fraction):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(7), [500, 300, 200, 1000, 50, 120, 80])
+    rng.shuffle(labels)
+    idx = finetune.label_fraction(labels, fraction, seed=3)
+    counts = np.bincount(labels[idx], minlength=7)
+    expected = [max(1, round(fraction * n)) for n in np.bincount(labels)]
+    np.testing.assert_array_equal(counts, expected)
+    assert len(np.unique(idx)) == len(idx) and np.all(np.diff(idx) > 0)
+    np.testing.assert_array_equal(idx, finetune.label_fraction(labels, fraction, seed=3))
+    assert not np.array_equal(idx, finetune.label_fraction(labels, fraction, seed=4))
+    # A smaller fraction's subset lies inside a larger one's (same seed).
+    assert set(finetune.label_fraction(labels, fraction / 2, seed=3)) <= set(idx)
+
+
+def test_label_fraction_rejects_bad_fractions():
+    with pytest.raises(ValueError, match="fraction"):
+        finetune.label_fraction(np.zeros(10, int), 0.0, seed=0)
+
+
+def test_topk_correct_against_numpy():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(50, 7)).astype(np.float32)
+    labels = rng.integers(0, 7, 50)
+    for k in (1, 3, 7, 9):
+        order = np.argsort(-logits, axis=1)[:, :k]
+        expected = np.array([labels[i] in order[i] for i in range(50)], np.float32)
+        np.testing.assert_array_equal(finetune.topk_correct(logits, labels, k), expected)
+
+
+def _finetune_setup(bn_axis_name):
+    backbone = models.ResNet18(width=4, cifar_stem=True, bn_axis_name=bn_axis_name)
+    model = finetune.Classifier(backbone=backbone, num_classes=5)
+    params, stats = models.init_variables(model, jax.random.key(0), (1, IMAGE, IMAGE, 3))
+    tx = optax.sgd(0.05, momentum=0.9, nesterov=True)
+    step = functools.partial(
+        finetune.finetune_step, apply_fn=models.flax_apply_fn(model), tx=tx,
+        augment_fn=finetune.finetune_augment(IMAGE, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
+                                             (0.3, 1.0)))
+    return state.create_train_state(params, stats, tx), step
+
+
+def test_finetune_step_on_8_devices_equals_one():
+    rng = np.random.default_rng(0)
+    batches = [{"images": rng.integers(0, 256, (32, IMAGE, IMAGE, 3), dtype=np.uint8),
+                "labels": rng.integers(0, 5, 32).astype(np.int32)} for _ in range(2)]
+    st, step = _finetune_setup(None)
+    step = jax.jit(step)
+    mesh = parallel.make_mesh()
+    st8, step8 = _finetune_setup(parallel.DATA_AXIS)
+    step8 = parallel.compile_step(step8, mesh, donate_state=False)
+    st8 = jax.device_put(st8, parallel.replicated(mesh))
+    for batch in batches:
+        st, m1 = step(st, batch, jax.random.key(5))
+        st8, m8 = step8(st8, parallel.host_to_global(batch, mesh), jax.random.key(5))
+        np.testing.assert_allclose(float(m1["train/loss"]), float(m8["train/loss"]), rtol=1e-5)
+    # The whole network moved (the backbone too, not only the classifier), identically.
+    assert_trees_close(copy(st.params), copy(st8.params), rtol=1e-4, atol=1e-6)
+    assert_trees_close(copy(st.batch_stats), copy(st8.batch_stats), rtol=1e-4, atol=1e-6)
+    fresh, _ = _finetune_setup(None)
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                         st.params["backbone"], fresh.params["backbone"])
+    assert max(jax.tree.leaves(moved)) > 0
