@@ -145,7 +145,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
             state = ckpt.restore(state, start)
         except IncompatibleCheckpointError as e:
             ckpt.close()
-            raise ConfigError(str(e)) from e
+            hint = ("; if this run started without the online probe, add "
+                    "--config.eval.online_probe=false") if exp.probe_tx is not None else ""
+            raise ConfigError(str(e) + hint) from e
     if main:
         _write_config(config, workdir, say)
         # What evaluation and export need to know of the data without loading it again.
