@@ -55,10 +55,11 @@ def _knn(exp, params, batch_stats, say) -> dict[str, Any]:
     extract = _extractor(exp)
     bank_idx = experiment.subset(train.num_examples, c.eval.bank_examples, c.seed)
     query_idx = experiment.subset(test.num_examples, c.eval.query_examples, c.seed)
-    bank = extract(params, batch_stats, train, bank_idx)
+    bank = extract(params, batch_stats, train, bank_idx, padded=True)  # split over the devices
     queries = extract(params, batch_stats, test, query_idx)
     scores = knn_scores(bank, train.labels[bank_idx], queries, num_classes=exp.num_classes,
-                        k=c.eval.knn_k, temperature=c.eval.knn_temperature, mesh=exp.mesh)
+                        k=c.eval.knn_k, temperature=c.eval.knn_temperature, mesh=exp.mesh,
+                        bank_rows=len(bank_idx))
     y = test.labels[query_idx]
     return {"top1": _topk(scores, y, 1), "top5": _topk(scores, y, 5),
             "settings": {"k": c.eval.knn_k, "temperature": c.eval.knn_temperature,
@@ -69,22 +70,33 @@ def _linear(exp, params, batch_stats, say) -> dict[str, Any]:
     c, e, train, test = exp.config, exp.config.eval, exp.train_source, exp.eval_source
     extract = _extractor(exp)
     t0 = time.perf_counter()
-    train_features = extract(params, batch_stats, train, np.arange(train.num_examples))
+    # Split over the devices, zero-padded: no device holds the whole train split's features.
+    train_features = extract(params, batch_stats, train, np.arange(train.num_examples),
+                             padded=True)
     test_features = extract(params, batch_stats, test, np.arange(test.num_examples))
     say(f"features of {train.num_examples} train and {test.num_examples} eval images "
         f"({train_features.shape[1]}-d) in {time.perf_counter() - t0:.0f} s; training the "
         f"classifier for {e.linear_epochs} epochs")
     lr = optim.scale_learning_rate(e.linear_lr, e.linear_batch_size, "linear")
+    history = []
+
+    def progress(epoch, metrics):
+        history.append({"epoch": epoch + 1, **metrics})
+        if (epoch + 1) % max(1, e.linear_epochs // 10) == 0 or epoch + 1 == e.linear_epochs:
+            say(f"epoch {epoch + 1}/{e.linear_epochs}: train loss {metrics['loss']:.4f}, "
+                f"top-1 {metrics['top1']:.4f}")
+
     classifier = linear_lib.train_linear_classifier(
         train_features, train.labels, num_classes=exp.num_classes, epochs=e.linear_epochs,
         batch_size=e.linear_batch_size, learning_rate=lr, optimizer=e.linear_optimizer,
-        standardize=e.linear_standardize, seed=c.seed, mesh=exp.mesh)
+        standardize=e.linear_standardize, seed=c.seed, mesh=exp.mesh,
+        num_rows=train.num_examples, callback=progress)
     metrics = linear_lib.evaluate_linear_classifier(classifier, test_features, test.labels,
                                                     mesh=exp.mesh)
-    train_metrics = linear_lib.evaluate_linear_classifier(classifier, train_features,
-                                                          train.labels, mesh=exp.mesh)
     return {"top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
-            "train_top1": train_metrics["top1"],
+            # Of the last epoch's batches, each before its update (no second pass over the
+            # train features).
+            "train_top1": history[-1]["top1"], "train_history": history,
             "settings": {"epochs": e.linear_epochs, "batch_size": e.linear_batch_size,
                          "learning_rate": lr, "optimizer": e.linear_optimizer,
                          "standardize": e.linear_standardize,
@@ -137,7 +149,11 @@ def _finetune(exp, params, batch_stats, say) -> dict[str, Any]:
             if not np.isfinite(values["train/loss"]):
                 raise ConfigError(f"fine-tuning diverged (loss {values['train/loss']}) at step "
                                   f"{step + 1}; lower eval.finetune_lr")
-            history.append({"epoch": (step + 1) // plan.steps_per_epoch, **values})
+            epoch = (step + 1) // plan.steps_per_epoch
+            history.append({"epoch": epoch, **values})
+            if epoch % max(1, e.finetune_epochs // 10) == 0 or epoch == e.finetune_epochs:
+                say(f"epoch {epoch}/{e.finetune_epochs}: train loss {values['train/loss']:.4f}, "
+                    f"top-1 {values['train/top1']:.4f}")
     logits = _extractor(exp, apply_fn, "logits")(state.params, state.batch_stats, test,
                                                   np.arange(test.num_examples))
     scores = np.asarray(logits)

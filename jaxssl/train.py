@@ -165,11 +165,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
 
     # The kNN monitor: eval-mode backbone features of a labelled bank and query set.
     def evaluate_knn(st) -> float:
-        bank = extract(st.params, st.batch_stats, train_source, bank_idx)
+        # The bank stays split over the devices, padded (a million features fit that way).
+        bank = extract(st.params, st.batch_stats, train_source, bank_idx, padded=True)
         queries = extract(st.params, st.batch_stats, eval_source, query_idx)
         return knn_top1(bank, train_source.labels[bank_idx], queries, eval_source.labels[query_idx],
                         num_classes=num_classes, k=config.eval.knn_k,
-                        temperature=config.eval.knn_temperature, mesh=mesh)
+                        temperature=config.eval.knn_temperature, mesh=mesh,
+                        bank_rows=len(bank_idx))
 
     if knn_on:
         extract = FeatureExtractor(exp.apply_fn, mesh, mean=train_source.mean,

@@ -209,34 +209,54 @@ def test_errors(tmp_path, monkeypatch):
 
 # -- torchvision itself, where it is installed (not in CI) --------------------------------------
 
+# PyTorch runs in a subprocess: importing torch into a process that has loaded TensorFlow (other
+# tests in the same pytest worker do) can crash it (a segfault in torch's triton import was seen).
+_TORCH_SIDE = """
+import sys, numpy as np, torch, torchvision, safetensors.torch
+path, encoder, cifar_stem, images, out = sys.argv[1:]
+net = getattr(torchvision.models, encoder)()
+if cifar_stem == "1":
+    net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool = torch.nn.Identity()
+result = net.load_state_dict(safetensors.torch.load_file(path), strict=False)
+state = {k: v.numpy() for k, v in net.state_dict().items()}
+net.fc = torch.nn.Identity()
+net.eval()
+x = np.load(images)
+with torch.no_grad():
+    features = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+np.savez(out, features=features, missing=np.array(sorted(result.missing_keys)),
+         unexpected=np.array(sorted(result.unexpected_keys), dtype=str),
+         **{"state/" + k: v for k, v in state.items()})
+"""
+
+
 @pytest.mark.parametrize("encoder,cifar_stem,image", [("resnet18", False, 64),
                                                       ("resnet50", False, 32),
                                                       ("resnet18", True, 32)])
 def test_torchvision_loads_export(tmp_path, encoder, cifar_stem, image):
-    torch = pytest.importorskip("torch")
-    torchvision = pytest.importorskip("torchvision")
-    import safetensors.torch
+    import importlib.util
+    import subprocess
+    import sys
 
+    if not all(importlib.util.find_spec(m) for m in ("torch", "torchvision")):
+        pytest.skip("torch and torchvision are not installed")
     model = tiny_model(encoder, cifar_stem, 64)
     params, batch_stats = random_variables(model, image)
     path = tmp_path / "backbone.safetensors"
     export.export_backbone(path, params, batch_stats, format="safetensors",
                            metadata={"encoder": encoder})
-
-    net = getattr(torchvision.models, encoder)()
-    if cifar_stem:
-        net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        net.maxpool = torch.nn.Identity()
-    result = net.load_state_dict(safetensors.torch.load_file(path), strict=False)
-    assert set(result.missing_keys) == {"fc.weight", "fc.bias"}
-    assert result.unexpected_keys == []
-    # Importing: torchvision's own state dict (with fc.* and num_batches_tracked) reads back.
-    assert bitwise_equal(export.from_torchvision_state_dict(net.state_dict()),
-                         (params["backbone"], batch_stats["backbone"]))
-    net.fc = torch.nn.Identity()
-    net.eval()
-
     images = np.random.default_rng(1).normal(size=(2, image, image, 3)).astype(np.float32)
-    with torch.no_grad():
-        want = net(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
-    assert_features_close(jax_features(model, params, batch_stats, images), want)
+    np.save(tmp_path / "images.npy", images)
+    out = tmp_path / "torch_side.npz"
+    subprocess.run([sys.executable, "-c", _TORCH_SIDE, str(path), encoder,
+                    "1" if cifar_stem else "0", str(tmp_path / "images.npy"), str(out)],
+                   check=True, timeout=300)
+    got = np.load(out)
+    assert set(got["missing"].tolist()) == {"fc.weight", "fc.bias"}
+    assert got["unexpected"].tolist() == []
+    # Importing: torchvision's own state dict (with fc.* and num_batches_tracked) reads back.
+    state = {k[len("state/"):]: got[k] for k in got.files if k.startswith("state/")}
+    assert bitwise_equal(export.from_torchvision_state_dict(state),
+                         (params["backbone"], batch_stats["backbone"]))
+    assert_features_close(jax_features(model, params, batch_stats, images), got["features"])

@@ -37,6 +37,24 @@ def test_features_on_8_devices_equal_one_eval_mode_forward_pass():
     np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+def test_padded_features_stay_split_over_the_devices():
+    """padded=True: the same rows, zeros after them, each device holding only its share."""
+    model, params, batch_stats, source = _setup()
+    indices = np.arange(29)
+    mesh = parallel.make_mesh()
+    extract = FeatureExtractor(models.flax_apply_fn(model), mesh, mean=MEAN, std=STD,
+                               size=IMAGE, batch_size=16)
+    exact = np.asarray(extract(params, batch_stats, source, indices))
+    padded = extract(params, batch_stats, source, indices, padded=True)
+    assert padded.shape == (32, exact.shape[1])
+    assert {s.data.shape[0] for s in padded.addressable_shards} == {4}  # 32 rows / 8 devices
+    np.testing.assert_array_equal(np.asarray(padded)[:29], exact)
+    np.testing.assert_array_equal(np.asarray(padded)[29:], 0.0)
+    # Unpadded and divisible by the devices: split too.
+    split = extract(params, batch_stats, source, np.arange(24))
+    assert {s.data.shape[0] for s in split.addressable_shards} == {3}
+
+
 def test_non_finite_features_are_an_error_not_a_silent_score():
     model, params, batch_stats, source = _setup()
     apply_fn = models.flax_apply_fn(model)

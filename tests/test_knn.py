@@ -181,3 +181,16 @@ def test_bad_arguments():
         knn.knn_scores(bank, labels, queries, num_classes=4)
     with pytest.raises(ValueError, match="one label per row"):
         knn.knn_scores(bank, labels[:-1], queries, num_classes=5)
+
+
+def test_padded_bank_with_bank_rows_equals_the_exact_bank():
+    """A bank padded with zero rows (FeatureExtractor(padded=True)) and bank_rows: the padding
+    never votes, and a bank already split over the devices is used as it is."""
+    bank, labels, queries, _ = _data(n=203)
+    mesh = parallel.make_mesh()
+    padded = jax.device_put(np.pad(bank, ((0, 5), (0, 0))), parallel.data_sharded(mesh))
+    kw = dict(num_classes=5, k=30, chunk_size=16, mesh=mesh)
+    np.testing.assert_allclose(knn.knn_scores(padded, labels, queries, bank_rows=203, **kw),
+                               knn.knn_scores(bank, labels, queries, **kw), rtol=1e-6)
+    with pytest.raises(ValueError, match="one label per row"):
+        knn.knn_scores(padded, labels, queries, bank_rows=204, **kw)

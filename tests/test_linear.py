@@ -234,3 +234,18 @@ def test_bad_evaluation_inputs_raise_one_line():
         with pytest.raises(ValueError, match=match) as info:
             linear.evaluate_linear_classifier(clf, *args, **kwargs)
         assert "\n" not in str(info.value)
+
+
+def test_zero_padded_rows_with_num_rows_equal_the_exact_features():
+    """Features padded with zero rows (FeatureExtractor(padded=True)) and num_rows: the padding
+    is never sampled and does not enter the standardisation statistics."""
+    mesh = parallel.make_mesh()
+    x, y = _clusters(203, c=5, f=16, spread=4.0)
+    padded = jax.device_put(np.pad(x, ((0, 13), (0, 0))), parallel.data_sharded(mesh))
+    kwargs = dict(num_classes=5, epochs=2, batch_size=32, learning_rate=0.5, seed=3, mesh=mesh)
+    exact = linear.train_linear_classifier(x, y, **kwargs)
+    got = linear.train_linear_classifier(padded, y, num_rows=203, **kwargs)
+    for a, b in zip(got, exact):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one label per real row"):
+        linear.train_linear_classifier(padded, y[:200], num_rows=203, **kwargs)

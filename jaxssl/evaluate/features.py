@@ -7,12 +7,13 @@ statistics), each batch split over the mesh's data axis.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxssl.parallel import DATA_AXIS, host_to_global
 
@@ -70,27 +71,51 @@ class FeatureExtractor:
 
         self._features = jax.jit(features)
 
-    def __call__(self, params, batch_stats, source, indices: Sequence[int]) -> jax.Array:
+    def __call__(self, params, batch_stats, source, indices: Sequence[int], *,
+                 padded: bool = False) -> jax.Array:
         """Features of source[indices]: float32 [len(indices), F], a global jax.Array.
 
+        padded=True: [R, F] with R >= len(indices) a multiple of the devices, split over the
+        mesh's data axis (no device holds all rows: what a bank of millions needs), rows from
+        len(indices) on zero. Unpadded, the rows split over the devices too when their number
+        divides evenly, and are replicated otherwise.
         NonFiniteFeaturesError when any feature is NaN or infinite.
         """
         indices = np.asarray(indices)
-        b = self.batch_size
+        n, b = len(indices), self.batch_size
         pi, pc = jax.process_index(), jax.process_count()
         chunks, finite = [], []
-        for start in range(0, len(indices), b):
+        for start in range(0, n, b):
             idx = indices[start:start + b]
-            n = len(idx)
-            idx = np.concatenate([idx, np.full(b - n, idx[0])])  # pad the last batch
+            idx = np.concatenate([idx, np.full(b - len(idx), idx[0])])  # pad the last batch
             local = idx.reshape(pc, -1)[pi]  # this process's rows of the global batch
             images = host_to_global(eval_images(source, local, self.size), self.mesh)
             f, ok = self._features(params, batch_stats, images)
-            chunks.append(f[:n])
+            chunks.append(f)
             finite.append(ok)
         if not all(bool(ok) for ok in jax.device_get(finite)):
             raise NonFiniteFeaturesError(
                 "the encoder returned non-finite (NaN or inf) features in eval mode; if the "
                 "training loss is finite, this is a known XLA:CPU miscompilation in jax >= 0.11: "
                 "run with XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=")
-        return jnp.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+        n_dev = self.mesh.shape[DATA_AXIS]
+        rows = len(chunks) * b if padded else n
+        split = NamedSharding(self.mesh, P(DATA_AXIS))
+        out = split if rows % n_dev == 0 else NamedSharding(self.mesh, P())
+        return _join(tuple(chunks), n, rows, out)
+
+
+def _join(chunks, n: int, rows: int, sharding) -> jax.Array:
+    """The chunks [b, F] (each split over the devices) as one [rows, F] array laid out by
+    `sharding`, rows from n on zero; one program, so no device gathers all rows on the way."""
+    return _join_fn(len(chunks), n, rows, sharding)(*chunks)
+
+
+@functools.lru_cache(maxsize=16)
+def _join_fn(num_chunks: int, n: int, rows: int, sharding):
+    def join(*chunks):
+        f = jnp.concatenate(chunks)
+        f = jnp.where((jnp.arange(f.shape[0]) < n)[:, None], f, 0.0)
+        return f[:rows]
+
+    return jax.jit(join, out_shardings=sharding)

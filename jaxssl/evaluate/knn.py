@@ -211,7 +211,8 @@ def _place(x, mesh: Mesh | None, spec: P):
 
 def knn_scores(bank, bank_labels, queries, *, num_classes: int, k: int = 200,
                temperature: float = 0.1, chunk_size: int = 256, bank_chunk_size: int = 65536,
-               bank_dtype=jnp.float32, mesh: Mesh | None = None) -> np.ndarray:
+               bank_dtype=jnp.float32, mesh: Mesh | None = None,
+               bank_rows: int | None = None) -> np.ndarray:
     """Class scores of every query: float32 [Q, num_classes] (numpy).
 
     bank: [N, D] features, any float dtype, numpy or jax.Array (not necessarily normalised: the
@@ -227,6 +228,9 @@ def knn_scores(bank, bank_labels, queries, *, num_classes: int, k: int = 200,
     mesh: split the bank over its DATA_AXIS (each device keeps its rows' top-k; the global top-k
       is picked from the devices' candidates) and give every device all queries. Without a
       mesh, everything runs where the bank is (a host bank: the default device).
+    bank_rows: only the first bank_rows rows of bank are real and bank_labels has one label for
+      each of them; the rest is padding that never wins (e.g. the padded, device-split output
+      of `FeatureExtractor(..., padded=True)`, used without a copy). Default: all rows.
     """
     bank = bank if isinstance(bank, jax.Array) else np.asarray(bank)
     queries = queries if isinstance(queries, jax.Array) else np.asarray(queries)
@@ -247,10 +251,10 @@ def knn_scores(bank, bank_labels, queries, *, num_classes: int, k: int = 200,
         raise ValueError(f"bank features are {bank.shape[1]}-d but queries are "
                          f"{queries.shape[1]}-d")
     bank_labels = np.asarray(bank_labels, np.int32)
-    n = bank.shape[0]
-    if n < 1 or bank_labels.shape != (n,):
-        raise ValueError(f"need a non-empty bank and one label per row; got {n} rows, labels "
-                         f"{bank_labels.shape}")
+    n = bank.shape[0] if bank_rows is None else bank_rows
+    if n < 1 or n > bank.shape[0] or bank_labels.shape != (n,):
+        raise ValueError(f"need a non-empty bank and one label per row; got {n} rows "
+                         f"({bank.shape[0]} with padding), labels {bank_labels.shape}")
     if bank_labels.min() < 0 or bank_labels.max() >= num_classes:
         raise ValueError(f"bank labels must lie in [0, {num_classes})")
     bank_dtype = jnp.dtype(bank_dtype)
@@ -265,9 +269,11 @@ def knn_scores(bank, bank_labels, queries, *, num_classes: int, k: int = 200,
 
 def knn_top1(bank, bank_labels, queries, query_labels, *, num_classes: int, k: int = 200,
              temperature: float = 0.1, chunk_size: int = 256, bank_chunk_size: int = 65536,
-             bank_dtype=jnp.float32, mesh: Mesh | None = None) -> float:
+             bank_dtype=jnp.float32, mesh: Mesh | None = None,
+             bank_rows: int | None = None) -> float:
     """Fraction of queries whose weighted kNN vote equals their label (arguments: knn_scores)."""
     scores = knn_scores(bank, bank_labels, queries, num_classes=num_classes, k=k,
                         temperature=temperature, chunk_size=chunk_size,
-                        bank_chunk_size=bank_chunk_size, bank_dtype=bank_dtype, mesh=mesh)
+                        bank_chunk_size=bank_chunk_size, bank_dtype=bank_dtype, mesh=mesh,
+                        bank_rows=bank_rows)
     return float(np.mean(np.argmax(scores, axis=1) == np.asarray(query_labels)))

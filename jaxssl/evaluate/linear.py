@@ -170,6 +170,7 @@ def train_linear_classifier(
     optimizer: str = "sgd", momentum: float = 0.9, nesterov: bool = True,
     standardize: bool = True, seed: int = 0, mesh: Mesh | None = None,
     callback: Callable[[int, dict[str, float]], None] | None = None,
+    num_rows: int | None = None,
 ) -> LinearClassifier:
     """A linear classifier trained on frozen features, on the devices of `mesh`.
 
@@ -187,18 +188,31 @@ def train_linear_classifier(
     standardize: see the module docstring. callback(epoch, {"loss", "top1"}): called after every
     epoch with the mean cross-entropy and top-1 of the epoch's batches, each measured before its
     step's update (this pulls two floats to the host per epoch).
+    num_rows: only the first num_rows rows of features are real (labels has num_rows entries)
+    and the rest are zeros, e.g. the padded, device-split output of
+    `FeatureExtractor(..., padded=True)`, which is then used without a copy. Default: all rows.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {list(OPTIMIZERS)}")
     if epochs < 1 or batch_size < 1 or not learning_rate >= 0:
         raise ValueError(f"need epochs >= 1, batch_size >= 1 and learning_rate >= 0; got "
                          f"epochs={epochs}, batch_size={batch_size}, learning_rate={learning_rate}")
-    _check(features, labels, num_classes)
-    n, dim = features.shape
+    if num_rows is not None:
+        if not 0 < num_rows <= features.shape[0]:
+            raise ValueError(f"num_rows must lie in [1, {features.shape[0]}] (the feature rows); "
+                             f"got {num_rows}")
+        _check(features[:1], labels[:1], num_classes)  # shapes and dtypes
+        _check(np.zeros((len(labels), 1)), labels, num_classes)  # labels
+        if len(labels) != num_rows:
+            raise ValueError(f"need one label per real row; got {len(labels)} labels for "
+                             f"num_rows={num_rows}")
+    else:
+        _check(features, labels, num_classes)
+    n, dim = (num_rows or features.shape[0]), features.shape[1]
     batch = min(batch_size, n)
     steps = math.ceil(n / batch)
     n_dev = 1 if mesh is None else mesh.shape[DATA_AXIS]
-    rows = math.ceil(n / n_dev) * n_dev
+    rows = math.ceil(max(n, features.shape[0]) / n_dev) * n_dev
     split, replicated = _placement(mesh)
     x = _rows_on_devices(features, rows, split, jnp.float32)
     y = _rows_on_devices(labels, rows, split, jnp.int32)
