@@ -2,6 +2,11 @@
 
     jaxssl train --config configs/mocov2_cifar10.py --workdir runs/mocov2_cifar10
 
+Evaluate (linear probe; fine-tuning on 1% of the labels):
+
+    jaxssl eval linear --workdir runs/mocov2_cifar10
+    jaxssl eval finetune --workdir runs/mocov2_cifar10 --config.eval.finetune_fraction=0.01
+
 Data as in configs/simclr_cifar10.py (TFDS cifar10, or --config.data.source=cifar10_npz
 --config.data.path=FILE.npz). `configs/mocov2_cifar10.py:800` trains 800 epochs.
 

@@ -3,6 +3,11 @@
     jaxssl train --config configs/mocov2_imagenet.py --workdir runs/mocov2_in1k \
         --config.data.path=/data/imagenet/train --config.data.eval_path=/data/imagenet/val
 
+Evaluate (linear probe; fine-tuning on 1% of the labels):
+
+    jaxssl eval linear --workdir runs/mocov2_in1k
+    jaxssl eval finetune --workdir runs/mocov2_in1k --config.eval.finetune_fraction=0.01
+
 Folders as in configs/simclr_imagenet.py. `configs/mocov2_imagenet.py:800` trains 800 epochs.
 
 The MoCo v2 paper's recipe: batch 256, SGD (momentum 0.9) with lr 0.03 x batch/256 and a
@@ -56,4 +61,6 @@ def get_config(epochs: str = "200"):
     config.eval.knn_k = 200
     config.eval.knn_temperature = 0.1
     config.eval.batch_size = 1024
+    config.eval.linear_epochs = 100  # the paper's linear-evaluation schedule
+    config.eval.linear_batch_size = 1024
     return config

@@ -2,6 +2,11 @@
 
     jaxssl train --config configs/simclr_cifar10.py --workdir runs/simclr_cifar10
 
+Evaluate (linear probe; fine-tuning on 1% of the labels):
+
+    jaxssl eval linear --workdir runs/simclr_cifar10
+    jaxssl eval finetune --workdir runs/simclr_cifar10 --config.eval.finetune_fraction=0.01
+
 Reads CIFAR-10 from TensorFlow Datasets (prepare it once where there is internet:
 `tfds build cifar10`, then pass --config.data.data_dir if it is not in ~/tensorflow_datasets),
 or from the JPEG npz with --config.data.source=cifar10_npz --config.data.path=FILE.npz.

@@ -3,6 +3,11 @@
     jaxssl train --config configs/simclr_imagenet.py --workdir runs/simclr_in1k \
         --config.data.path=/data/imagenet/train --config.data.eval_path=/data/imagenet/val
 
+Evaluate (linear probe; fine-tuning on 1% of the labels):
+
+    jaxssl eval linear --workdir runs/simclr_in1k
+    jaxssl eval finetune --workdir runs/simclr_in1k --config.eval.finetune_fraction=0.01
+
 The image folders hold one subfolder per class (the usual ILSVRC-2012 layout); the validation
 folder gives the kNN queries. Crops and flips run on the host, colour and blur on the
 accelerator (`data.augment="split"`). `configs/simclr_imagenet.py:1000` trains 1000 epochs.
@@ -54,4 +59,6 @@ def get_config(epochs: str = "100"):
     config.eval.knn_k = 200
     config.eval.knn_temperature = 0.1
     config.eval.batch_size = 1024
+    config.eval.linear_epochs = 90  # the paper's linear-evaluation schedule
+    config.eval.linear_batch_size = 1024
     return config

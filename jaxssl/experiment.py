@@ -26,7 +26,8 @@ from jaxssl.checkpoint import Checkpointer, IncompatibleCheckpointError
 from jaxssl.configuration import ConfigError
 from jaxssl.data import augment_jax, pipeline, recipes, sources
 
-__all__ = ["Experiment", "build", "load_data", "subset", "restore_encoder", "build_model", "compiled_step", "initial_state", "DTYPES"]
+__all__ = ["Experiment", "build", "build_model", "load_data", "subset", "compiled_step",
+           "initial_state", "restore_encoder", "DTYPES"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

@@ -21,7 +21,8 @@ __all__ = ["ProbeState", "init_probe", "probe_update"]
 
 @flax.struct.dataclass
 class ProbeState:
-    """params: {"kernel": [F, C] float32, "bias": [C] float32}; opt_state: the probe's optax state."""
+    """params: {"kernel": [F, C] float32, "bias": [C] float32}; opt_state: the probe's optax
+    state."""
 
     params: Any
     opt_state: Any
