@@ -125,6 +125,14 @@ class Checkpointer:
                     f"the checkpoint at step {step} in {self.directory} is of a different model "
                     f"({name} is {found} there, {tuple(shape)} in this config); use the config "
                     "that wrote it")
+        # A deeper network holds every leaf of a shallower one too: extra saved leaves in the
+        # requested fields mean another model, not a subset to pick from.
+        extra = sorted(set(have) - set(want))
+        if extra:
+            raise IncompatibleCheckpointError(
+                f"the checkpoint at step {step} in {self.directory} is of a different model (it "
+                f"has {extra[0]}, which this config lacks, and {len(extra) - 1} more); use the "
+                "config that wrote it")
         return self._manager.restore(step, args=ocp.args.PyTreeRestore(
             abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
             partial_restore=True))

@@ -33,14 +33,14 @@ from jaxssl.data import pipeline
 from jaxssl.evaluate import finetune as finetune_lib, linear as linear_lib
 from jaxssl.evaluate.features import FeatureExtractor, eval_images
 from jaxssl.evaluate.knn import knn_scores
+from jaxssl.evaluate.topk import topk_correct
 
 __all__ = ["KINDS", "evaluate", "export"]
 
 
-def _topk(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Fraction of rows whose label is among the k highest scores (ties count for the label)."""
-    label_score = scores[np.arange(len(labels)), labels]
-    return float(np.mean(np.sum(scores > label_score[:, None], axis=1) < k))
+def _topk(scores, labels, k: int, **kw) -> float:
+    """Top-k accuracy of scores [n, C] (ties broken as argmax does; see evaluate.topk)."""
+    return float(np.mean(np.asarray(topk_correct(scores, labels, k, **kw))))
 
 
 def _extractor(exp, apply_fn=None, output="features") -> FeatureExtractor:
@@ -61,7 +61,9 @@ def _knn(exp, params, batch_stats, say) -> dict[str, Any]:
                         k=c.eval.knn_k, temperature=c.eval.knn_temperature, mesh=exp.mesh,
                         bank_rows=len(bank_idx))
     y = test.labels[query_idx]
-    return {"top1": _topk(scores, y, 1), "top5": _topk(scores, y, 5),
+    # A class no neighbour voted for (score 0) is never a hit, even in a top-5 of fewer votes.
+    return {"top1": _topk(scores, y, 1, require_positive=True),
+            "top5": _topk(scores, y, 5, require_positive=True),
             "settings": {"k": c.eval.knn_k, "temperature": c.eval.knn_temperature,
                          "bank_examples": len(bank_idx), "query_examples": len(query_idx)}}
 

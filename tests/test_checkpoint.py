@@ -83,3 +83,20 @@ def test_other_architecture_is_a_clear_error(tmp_path):
     other = tiny_state(lars(), head_hidden_dims=(16, 16))  # one more head layer: another tree
     with pytest.raises(checkpoint.IncompatibleCheckpointError, match="different model"):
         checkpoint.Checkpointer(str(tmp_path)).restore(other)
+
+
+def test_restore_subtrees_reads_only_params_and_stats_and_rejects_other_models(tmp_path):
+    st, _ = _saved_once(tmp_path)
+    ckpt = checkpoint.Checkpointer(str(tmp_path))
+    try:
+        got = ckpt.restore_subtrees({"params": st.params, "batch_stats": st.batch_stats}, 1)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves((st.batch_stats, st.params))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        # A shallower model (one head layer fewer) than the one saved: every leaf it wants exists,
+        # but the checkpoint has more; a wider one: shapes differ. Both are other models.
+        for kw in ({"head_hidden_dims": ()}, {"width": 8}):
+            other = tiny_state(lars(), **kw)
+            with pytest.raises(checkpoint.IncompatibleCheckpointError, match="different model"):
+                ckpt.restore_subtrees({"params": other.params, "batch_stats": other.batch_stats}, 1)
+    finally:
+        ckpt.close()

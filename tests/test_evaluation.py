@@ -13,7 +13,7 @@ import pytest
 from jaxssl import cli, models, parallel, state
 from jaxssl import export as export_lib
 from jaxssl.checkpoint import Checkpointer
-from jaxssl.evaluate import finetune
+from jaxssl.evaluate import finetune, topk
 from test_train import TINY, tiny_config
 from tiny import IMAGE, assert_trees_close, copy
 
@@ -146,14 +146,25 @@ def test_label_fraction_rejects_bad_fractions():
         finetune.label_fraction(np.zeros(10, int), 0.0, seed=0)
 
 
-def test_topk_correct_against_numpy():
+def test_topk_correct_against_numpy_and_ties_break_as_argmax():
     rng = np.random.default_rng(1)
-    logits = rng.normal(size=(50, 7)).astype(np.float32)
-    labels = rng.integers(0, 7, 50)
+    # Scores on a coarse grid: many ties, as kNN votes of a collapsed encoder have.
+    scores = rng.integers(0, 3, size=(200, 7)).astype(np.float32)
+    labels = rng.integers(0, 7, 200)
     for k in (1, 3, 7, 9):
-        order = np.argsort(-logits, axis=1)[:, :k]
-        expected = np.array([labels[i] in order[i] for i in range(50)], np.float32)
-        np.testing.assert_array_equal(finetune.topk_correct(logits, labels, k), expected)
+        # numpy's stable argsort of -scores puts equal scores in index order, as argmax does.
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        expected = np.array([labels[i] in order[i] for i in range(200)], np.float32)
+        np.testing.assert_array_equal(topk.topk_correct(scores, labels, k), expected)
+    np.testing.assert_array_equal(topk.topk_correct(scores, labels, 1),
+                                  (scores.argmax(1) == labels).astype(np.float32))
+    # kNN: a class nobody voted for is never a hit, even when fewer than k classes got votes.
+    votes = np.array([[0.0, 2.0, 0.0, 1.0], [0.0, 2.0, 0.0, 1.0]], np.float32)
+    np.testing.assert_array_equal(topk.topk_correct(votes, np.array([0, 3]), 5), [1.0, 1.0])
+    np.testing.assert_array_equal(
+        topk.topk_correct(votes, np.array([0, 3]), 5, require_positive=True), [0.0, 1.0])
+    # All-equal logits: only the first class counts for top-1, not every class.
+    assert float(np.mean(topk.topk_correct(np.zeros((4, 5)), np.arange(4), 1))) == 0.25
 
 
 def _finetune_setup(bn_axis_name):

@@ -249,3 +249,17 @@ def test_zero_padded_rows_with_num_rows_equal_the_exact_features():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="one label per real row"):
         linear.train_linear_classifier(padded, y[:200], num_rows=203, **kwargs)
+
+
+def test_lars_is_simclrs_head_without_layer_adaptation():
+    """SimCLR excludes the supervised head from LARS's trust ratio: at a usual lr it learns as
+    well as momentum SGD (a trust ratio on the zero-initialised head would all but freeze it:
+    0.52 against 0.63 top-1 was measured with one)."""
+    x, y = _clusters(2000, c=10, f=32, spread=12.0)
+    xt, yt = _clusters(1000, c=10, f=32, spread=12.0, seed=1)
+    kwargs = dict(num_classes=10, epochs=5, batch_size=256, learning_rate=0.1, seed=1)
+    lars = linear.train_linear_classifier(x, y, optimizer="lars", **kwargs)
+    sgd = linear.train_linear_classifier(x, y, optimizer="sgd", nesterov=False, **kwargs)
+    top1 = [linear.evaluate_linear_classifier(c, xt, yt)["top1"] for c in (lars, sgd)]
+    assert 0.3 < top1[1] < 0.98, top1  # overlapping classes: not trivially separable
+    assert abs(top1[0] - top1[1]) < 0.03, top1

@@ -21,7 +21,7 @@ from jaxssl.data.recipes import ViewRecipe
 from jaxssl.state import TrainState
 from jaxssl.steps import example_keys
 
-__all__ = ["label_fraction", "Classifier", "finetune_step", "finetune_augment", "topk_correct"]
+__all__ = ["label_fraction", "Classifier", "finetune_step", "finetune_augment"]
 
 
 def label_fraction(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -68,15 +68,6 @@ def finetune_augment(out_size: int, mean, std, crop_scale=(0.08, 1.0), dtype=jnp
                                                    mean, std))(keys, images).astype(dtype)
 
     return augment_fn
-
-
-def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-    """1.0 where the label is among the k largest logits, else 0.0: float32 [N]."""
-    k = min(k, logits.shape[-1])
-    label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
-    # Rank = how many classes score strictly higher than the label (ties count for the label).
-    rank = jnp.sum(logits > label_logit, axis=-1)
-    return (rank < k).astype(jnp.float32)
 
 
 def finetune_step(

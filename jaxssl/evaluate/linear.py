@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxssl.evaluate.topk import label_rank
 from jaxssl.optim import make_optimizer, warmup_cosine_schedule
 from jaxssl.parallel import DATA_AXIS
 
@@ -43,13 +44,6 @@ class LinearClassifier(NamedTuple):
     bias: jax.Array
     mean: jax.Array
     std: jax.Array
-
-
-def _rank(logits, y):
-    """How many classes score strictly higher than the label: [n] int32. The label is in the
-    top k when rank < k (ties count in its favour; k >= C always holds)."""
-    own = jnp.take_along_axis(logits, y[:, None], axis=1)
-    return jnp.sum(logits > own, axis=1)
 
 
 def _classify(c: LinearClassifier, x):
@@ -157,7 +151,7 @@ def _epoch(params, opt_state, root_key, epoch, features, labels, mean, std, *, t
         # the transpose of their implicit broadcast: it is the whole batch's gradient already.
         (_, (ce, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        sums = jnp.stack([jnp.sum(w * ce), jnp.sum(w * (_rank(logits, y) < 1))])
+        sums = jnp.stack([jnp.sum(w * ce), jnp.sum(w * (label_rank(logits, y) < 1))])
         return (optax.apply_updates(params, updates), opt_state), sums
 
     (params, opt_state), sums = jax.lax.scan(step, (params, opt_state), idx)
@@ -181,7 +175,8 @@ def train_linear_classifier(
 
     learning_rate: the peak of a cosine decay to 0 over all steps, no warmup, not scaled by the
     batch (the caller decides). optimizer: "sgd" (momentum, Nesterov when nesterov) or "lars"
-    (momentum, never Nesterov); no weight decay. The classifier starts at zero.
+    (SimCLR's: the classifier excluded from layer adaptation, which leaves momentum SGD, never
+    Nesterov); no weight decay. The classifier starts at zero.
     batch_size: clamped to N. Each epoch visits every row once, in the order of
     jax.random.permutation(fold_in(key(seed), epoch), N), in ceil(N / batch) steps; the last
     partial batch is kept, its loss the mean over its real rows.
@@ -222,8 +217,17 @@ def train_linear_classifier(
     if not standardize:
         mean, std = jax.device_put((np.zeros(dim, np.float32), np.ones(dim, np.float32)), replicated)
 
-    tx = make_optimizer(optimizer, warmup_cosine_schedule(learning_rate, 0, epochs * steps),
-                        weight_decay=0.0, momentum=momentum, nesterov=nesterov)
+    schedule = warmup_cosine_schedule(learning_rate, 0, epochs * steps)
+    if optimizer == "lars":
+        # As SimCLR's linear evaluation: LARS with the classifier excluded from layer adaptation
+        # (and from weight decay). A trust ratio on a zero-initialised head would scale every
+        # update by 1e-3 x its tiny norm and all but freeze it; without one, LARS is momentum
+        # SGD (never Nesterov).
+        tx = optax.lars(schedule, weight_decay=0.0, momentum=momentum, nesterov=False,
+                        trust_ratio_mask=lambda p: jax.tree.map(lambda _: False, p))
+    else:
+        tx = make_optimizer("sgd", schedule, weight_decay=0.0, momentum=momentum,
+                            nesterov=nesterov)
     params = {"kernel": jnp.zeros((dim, num_classes), jnp.float32),
               "bias": jnp.zeros((num_classes,), jnp.float32)}
     params, root_key = jax.device_put((params, jax.random.key(seed)), replicated)
@@ -251,7 +255,7 @@ def _eval_sums(classifier, features, labels, *, n, chunk, ks, axis_name):
         x, y, v = args
         logits = _classify(classifier, x)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        rank = _rank(logits, y)
+        rank = label_rank(logits, y)
         return jnp.stack([jnp.sum(v * ce)] + [jnp.sum(v * (rank < k)) for k in ks])
 
     split = lambda a: a.reshape((n_local // chunk, chunk) + a.shape[1:])
