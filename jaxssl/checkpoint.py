@@ -78,10 +78,11 @@ class Checkpointer:
         self._manager.save(int(step), args=ocp.args.PyTreeSave(state), metrics=metrics,
                            force=True)
 
-    def restore(self, template: Any, step: int | None = None) -> Any:
+    def restore(self, template: Any, step: int | None = None, *, partial: bool = False) -> Any:
         """The state saved at `step` (default: the latest), with the structure, shapes, dtypes
         and shardings of `template` (a state or its jax.eval_shape). IncompatibleCheckpointError
-        when the saved state is of another model."""
+        when the saved state is of another model. partial=True: leaves saved but absent from
+        the template are skipped (e.g. a template whose probe is None)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
@@ -90,7 +91,8 @@ class Checkpointer:
             template)
         try:
             return self._manager.restore(step, args=ocp.args.PyTreeRestore(
-                abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
+                abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                partial_restore=partial))
         except (ValueError, KeyError) as e:  # orbax: a tree or shape that does not match
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise IncompatibleCheckpointError(

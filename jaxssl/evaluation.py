@@ -195,12 +195,13 @@ def evaluate(kind: str, config: ml_collections.ConfigDict, workdir: str, *,
         raise ConfigError(f"unknown evaluation {kind!r}; choose one of {', '.join(KINDS)}")
     mesh = mesh or parallel.make_mesh()
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    exp = experiment.build(config, mesh, with_eval=True)
+    exp = experiment.build(config, mesh, with_eval=True, training=False)
     if exp.num_classes is None or exp.eval_source is None or exp.eval_source.labels is None:
         raise ConfigError(f"eval {kind} needs labelled train and eval splits; "
                           f"{exp.train_source.name} has none (set data.eval_split or "
                           "data.eval_path)")
-    params, batch_stats, step = experiment.restore_encoder(config, exp.model, mesh, workdir, step)
+    params, batch_stats, step = experiment.restore_encoder(
+        exp.model, mesh, workdir, step, image_size=config.data.out_size)
     say(f"eval {kind}: {config.model.encoder} at step {step} of {workdir} on "
         f"{exp.train_source.name} ({mesh.shape[parallel.DATA_AXIS]} "
         f"{jax.devices()[0].platform} device(s))")
@@ -234,7 +235,8 @@ def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, fmt:
         raise ConfigError(f"the folder of --output {output} does not exist; create it first")
     mesh = parallel.make_mesh(jax.local_devices()[:1])
     model, _ = experiment.build_model(config)
-    params, batch_stats, step = experiment.restore_encoder(config, model, mesh, workdir, step)
+    params, batch_stats, step = experiment.restore_encoder(
+        model, mesh, workdir, step, image_size=config.data.out_size)
     m = config.model
     metadata = {"encoder": m.encoder, "width": str(m.width), "cifar_stem": str(m.cifar_stem),
                 "step": str(step), "image_size": str(config.data.out_size),

@@ -43,14 +43,14 @@ _LOADERS = {
 }
 
 
-def load_data(d: ml_collections.ConfigDict, with_eval: bool):
+def load_data(d: ml_collections.ConfigDict, with_eval: bool, training: bool = True):
     """(train source, eval source or None) of the config's data group."""
     try:
         train_source = _LOADERS[d.source](d, d.train_split, True)
         eval_source = _LOADERS[d.source](d, d.eval_split, False) if with_eval else None
     except (ValueError, FileNotFoundError) as e:  # loaders say what is wrong in one line
         raise ConfigError(str(e).splitlines()[0]) from e
-    if d.augment == "device" and train_source.images is None:
+    if training and d.augment == "device" and train_source.images is None:
         raise ConfigError(f"data.augment='device' needs images in memory; {train_source.name} is "
                           "read from files: use --config.data.augment=host (or split)")
     return train_source, eval_source
@@ -71,13 +71,13 @@ class Experiment:
     mesh: Mesh
     train_source: Any
     eval_source: Any  # None when not asked for or not available
-    plan: pipeline.BatchPlan
+    plan: pipeline.BatchPlan | None  # None when not built for training
     total_steps: int
     model: Any
     apply_fn: Callable
     dtype: Any
-    schedule: Callable
-    tx: optax.GradientTransformation
+    schedule: Callable | None
+    tx: optax.GradientTransformation | None
     recipe: recipes.Recipe
     augment_fn: Callable | None
     num_classes: int | None  # of the train source's labels; None when unlabelled
@@ -99,15 +99,30 @@ def build_model(config: ml_collections.ConfigDict):
     return model, dtype
 
 
-def build(config: ml_collections.ConfigDict, mesh: Mesh, *, with_eval: bool) -> Experiment:
-    """Load the data and build the model, optimizer and augmentation of `config` on `mesh`."""
+def build(config: ml_collections.ConfigDict, mesh: Mesh, *, with_eval: bool,
+          training: bool = True) -> Experiment:
+    """Load the data and build the model, optimizer and augmentation of `config` on `mesh`.
+
+    training=False (evaluation of a trained encoder): only the data, the model and the classes;
+    the batch size, optimizer and augmentation of pretraining are neither checked nor built
+    (plan, schedule, tx, augment_fn and probe_tx are None, total_steps 0).
+    """
     n_dev = mesh.shape[parallel.DATA_AXIS]
-    if config.batch_size % n_dev:
+    if training and config.batch_size % n_dev:
         raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {n_dev} "
                           f"devices; use a multiple of {n_dev}, e.g. "
                           f"--config.batch_size={max(n_dev, config.batch_size // n_dev * n_dev)}")
     d, o = config.data, config.optim
-    train_source, eval_source = load_data(d, with_eval)
+    train_source, eval_source = load_data(d, with_eval, training=training)
+    model, dtype = build_model(config)
+    recipe = recipes.get_recipe(d.recipe)
+    num_classes = None
+    if train_source.labels is not None:
+        num_classes = max(len(train_source.class_names or ()), int(train_source.labels.max()) + 1)
+    if not training:
+        return Experiment(config, mesh, train_source, eval_source, None, 0, model,
+                          models.flax_apply_fn(model), dtype, None, None, recipe, None,
+                          num_classes, None)
     try:
         plan = pipeline.BatchPlan(train_source.num_examples, config.batch_size, config.seed,
                                   jax.process_index(), jax.process_count())
@@ -115,18 +130,13 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *, with_eval: bool) -> 
         raise ConfigError(str(e)) from e
     total_steps = config.num_steps or int(config.num_epochs * plan.steps_per_epoch)
     warmup_steps = min(total_steps, round(o.warmup_epochs * plan.steps_per_epoch))
-    model, dtype = build_model(config)
     peak_lr = optim.scale_learning_rate(o.base_lr, config.batch_size, o.lr_scaling)
     schedule = optim.warmup_cosine_schedule(peak_lr, warmup_steps, total_steps, o.end_lr)
     tx = optim.make_optimizer(o.name, schedule, weight_decay=o.weight_decay, momentum=o.momentum,
                               nesterov=o.nesterov, trust_coefficient=o.trust_coefficient,
                               b1=o.b1, b2=o.b2)
-    recipe = recipes.get_recipe(d.recipe)
     augment_fn = None if d.augment == "host" else augment_jax.make_device_augment(
         recipe, d.out_size, train_source.mean, train_source.std, mode=d.augment, dtype=dtype)
-    num_classes = None
-    if train_source.labels is not None:
-        num_classes = max(len(train_source.class_names or ()), int(train_source.labels.max()) + 1)
     probe_tx = None
     if config.eval.online_probe and num_classes is not None and num_classes > 1:
         # Plain SGD with Nesterov momentum, cosine to zero, no weight decay (solo-learn's
@@ -206,19 +216,18 @@ def initial_state(exp: Experiment) -> state_lib.TrainState:
                                         with_momentum_encoder=config.method == "moco")
 
 
-def restore_encoder(config: ml_collections.ConfigDict, model, mesh: Mesh, workdir: str,
-                    step: int | None = None):
+def restore_encoder(model, mesh: Mesh, workdir: str, step: int | None = None, *,
+                    image_size: int):
     """(params, batch_stats, step) of the checkpoint at `step` (default: the latest) of a
     training workdir, replicated over the mesh: the encoder and head only, whatever the
-    optimizer, queue or probe were. ConfigError (one line) for a workdir without checkpoints, a
+    optimizer, queue or probe were (image_size: the side of the images it was built for). ConfigError (one line) for a workdir without checkpoints, a
     step that was not saved, or a checkpoint of another model."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise ConfigError(f"no checkpoints in {workdir}: pass the --workdir of a training run "
                           "(jaxssl train --workdir DIR)")
-    d = config.data
     params, batch_stats = jax.eval_shape(lambda: models.init_variables(
-        model, jax.random.key(0, impl="rbg"), (1, d.out_size, d.out_size, 3)))
+        model, jax.random.key(0, impl="rbg"), (1, image_size, image_size, 3)))
     sharding = parallel.replicated(mesh)
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                             {"params": params, "batch_stats": batch_stats})

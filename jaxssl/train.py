@@ -144,10 +144,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
         try:
             state = ckpt.restore(state, start)
         except IncompatibleCheckpointError as e:
-            ckpt.close()
-            hint = ("; if this run started without the online probe, add "
-                    "--config.eval.online_probe=false") if exp.probe_tx is not None else ""
-            raise ConfigError(str(e) + hint) from e
+            # The online probe is turned on (or off) since the checkpoint: it never changed the
+            # encoder, so restore everything else and give the probe a fresh start.
+            try:
+                state = ckpt.restore(state.replace(probe=None), start,
+                                     partial=True).replace(probe=state.probe)
+            except IncompatibleCheckpointError:
+                ckpt.close()
+                raise ConfigError(str(e)) from e
+            say("note: the checkpoint's online probe does not match eval.online_probe; the "
+                "encoder resumes exactly, the probe " + (
+                    "starts afresh" if state.probe is not None else "is dropped"))
     if main:
         _write_config(config, workdir, say)
         # What evaluation and export need to know of the data without loading it again.

@@ -138,6 +138,20 @@ def test_resume_after_a_stop_is_bitwise_identical(straight, tmp_path):
     assert records_without_timing(workdir) == reference_records
 
 
+def test_resume_with_the_online_probe_switched_on_or_off(straight, tmp_path, capsys):
+    """A run started without the probe (as before it existed) resumes with it: the encoder goes
+    on exactly (the probe never touches it), the probe starts afresh; and the other way round."""
+    reference, _ = straight  # trained with the probe (the default)
+    for first_on, second_on in (("false", "true"), ("true", "false")):
+        workdir = str(tmp_path / f"probe_{first_on}")
+        train.train(tiny_config(("eval.online_probe", first_on)), workdir, stop_at_step=6)
+        done = train.train(tiny_config(("eval.online_probe", second_on)), workdir)
+        assert done.status == "done" and done.step == 12
+        assert "online probe does not match" in capsys.readouterr().out
+        assert_same_state(reference.state.replace(probe=None), done.state.replace(probe=None))
+        assert (done.state.probe is None) == (second_on == "false")
+
+
 def _wait_for_checkpoint(proc, workdir, timeout=300):
     ckpt_dir = os.path.join(workdir, "checkpoints")
     deadline = time.time() + timeout
