@@ -40,7 +40,7 @@ __all__ = ["KINDS", "evaluate", "export"]
 
 def _topk(scores, labels, k: int, **kw) -> float:
     """Top-k accuracy of scores [n, C] (ties broken as argmax does; see evaluate.topk)."""
-    return float(np.mean(np.asarray(topk_correct(scores, labels, k, **kw))))
+    return float(np.mean(np.asarray(topk_correct(scores, labels, k, **kw)), dtype=np.float64))
 
 
 def _extractor(exp, apply_fn=None, output="features") -> FeatureExtractor:

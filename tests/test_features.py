@@ -55,6 +55,25 @@ def test_padded_features_stay_split_over_the_devices():
     assert {s.data.shape[0] for s in split.addressable_shards} == {3}
 
 
+def test_many_batches_are_written_in_place_across_device_boundaries():
+    """9 batches of 16 on 8 devices: 18 rows each, so batches straddle devices; the in-place
+    writer must give the same rows as one forward pass."""
+    model, params, batch_stats, source = _setup()
+    indices = np.arange(140) % 37
+    extract = FeatureExtractor(models.flax_apply_fn(model), parallel.make_mesh(), mean=MEAN,
+                               std=STD, size=IMAGE, batch_size=16)
+    padded = extract(params, batch_stats, source, indices, padded=True)
+    assert padded.shape[0] == 144
+    assert {s.data.shape[0] for s in padded.addressable_shards} == {18}
+    x = (source.images[indices].astype(np.float32) / 255.0 - np.array(MEAN)) / np.array(STD)
+    want = model.apply({"params": params, "batch_stats": batch_stats},
+                       jnp.asarray(x, jnp.float32), train=False)["features"]
+    np.testing.assert_allclose(np.asarray(padded)[:140], np.asarray(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(padded)[140:], 0.0)
+    exact = extract(params, batch_stats, source, indices)
+    np.testing.assert_array_equal(np.asarray(exact), np.asarray(padded)[:140])
+
+
 def test_non_finite_features_are_an_error_not_a_silent_score():
     model, params, batch_stats, source = _setup()
     apply_fn = models.flax_apply_fn(model)

@@ -84,38 +84,75 @@ class FeatureExtractor:
         indices = np.asarray(indices)
         n, b = len(indices), self.batch_size
         pi, pc = jax.process_index(), jax.process_count()
-        chunks, finite = [], []
-        for start in range(0, n, b):
-            idx = indices[start:start + b]
+        n_dev = self.mesh.shape[DATA_AXIS]
+        num_batches = -(-n // b)
+        # Every batch is written into one preallocated [num_batches * b, F] array split over
+        # the devices (donated, updated in place): the features are held once, never as a list
+        # of batches plus their concatenation, and the update compiles once for any n.
+        out, finite, chunks = None, [], []
+        # Many batches (a large bank): each is written into one preallocated [num_batches * b,
+        # F] array split over the devices, in place, so the features are held once and no
+        # device ever holds them all. A few batches: one concatenation is simpler and as small.
+        in_place = num_batches >= n_dev
+        for i in range(num_batches):
+            idx = indices[i * b:(i + 1) * b]
             idx = np.concatenate([idx, np.full(b - len(idx), idx[0])])  # pad the last batch
             local = idx.reshape(pc, -1)[pi]  # this process's rows of the global batch
             images = host_to_global(eval_images(source, local, self.size), self.mesh)
             f, ok = self._features(params, batch_stats, images)
-            chunks.append(f)
+            if not in_place:
+                chunks.append(f)
+            else:
+                if out is None:
+                    out = _zeros(num_batches * b, f.shape[1],
+                                 NamedSharding(self.mesh, P(DATA_AXIS)))
+                out = _row_writer(self.mesh)(out, f, jnp.int32(i * b), jnp.int32(n))
             finite.append(ok)
         if not all(bool(ok) for ok in jax.device_get(finite)):
             raise NonFiniteFeaturesError(
                 "the encoder returned non-finite (NaN or inf) features in eval mode; if the "
                 "training loss is finite, this is a known XLA:CPU miscompilation in jax >= 0.11: "
                 "run with XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=")
-        n_dev = self.mesh.shape[DATA_AXIS]
-        rows = len(chunks) * b if padded else n
         split = NamedSharding(self.mesh, P(DATA_AXIS))
-        out = split if rows % n_dev == 0 else NamedSharding(self.mesh, P())
-        return _join(tuple(chunks), n, rows, out)
+        if not in_place:
+            out = jax.jit(lambda *c: _mask_rows(jnp.concatenate(c), 0, n),
+                          out_shardings=split)(*chunks)
+        if padded:
+            return out
+        rows_out = split if n % n_dev == 0 else NamedSharding(self.mesh, P())
+        return jax.jit(lambda x: x[:n], out_shardings=rows_out)(out)
 
 
-def _join(chunks, n: int, rows: int, sharding) -> jax.Array:
-    """The chunks [b, F] (each split over the devices) as one [rows, F] array laid out by
-    `sharding`, rows from n on zero; one program, so no device gathers all rows on the way."""
-    return _join_fn(len(chunks), n, rows, sharding)(*chunks)
+def _zeros(rows: int, dim: int, sharding) -> jax.Array:
+    return jax.jit(lambda: jnp.zeros((rows, dim), jnp.float32), out_shardings=sharding)()
 
 
-@functools.lru_cache(maxsize=16)
-def _join_fn(num_chunks: int, n: int, rows: int, sharding):
-    def join(*chunks):
-        f = jnp.concatenate(chunks)
-        f = jnp.where((jnp.arange(f.shape[0]) < n)[:, None], f, 0.0)
-        return f[:rows]
+def _mask_rows(f, start, n):
+    """f [b, F] whose row j is global row start + j, with rows from n on set to zero."""
+    return jnp.where((start + jnp.arange(f.shape[0]) < n)[:, None], f, 0.0)
 
-    return jax.jit(join, out_shardings=sharding)
+
+@functools.lru_cache(maxsize=8)
+def _row_writer(mesh: Mesh):
+    """(out [R, F] split over the devices, f [b, F] split too, start, n) -> out with rows
+    [start, start + b) set to f (rows from n zero), each device writing only its own rows.
+
+    jit of a dynamic-offset update of a split array would gather the whole array to every
+    device; here each device gathers the b new rows (small) and updates a window of b of its
+    own L = R / devices rows (L >= b), keeping the rows of the window that are not new.
+    """
+
+    def write(out_local, f_local, start, n):
+        f = _mask_rows(jax.lax.all_gather(f_local, DATA_AXIS, tiled=True), start, n)  # [b, F]
+        rows, b = out_local.shape[0], f.shape[0]
+        base = jax.lax.axis_index(DATA_AXIS) * rows  # global row of this device's first row
+        offset = jnp.clip(start - base, 0, rows - b)  # the window [offset, offset + b)
+        src = base + offset + jnp.arange(b) - start  # which new row lands at each window row
+        new = (src >= 0) & (src < b)
+        old = jax.lax.dynamic_slice_in_dim(out_local, offset, b)
+        window = jnp.where(new[:, None], f[jnp.clip(src, 0, b - 1)], old)
+        return jax.lax.dynamic_update_slice_in_dim(out_local, window, offset, axis=0)
+
+    sharded = jax.shard_map(write, mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS), P(), P()),
+                            out_specs=P(DATA_AXIS))
+    return jax.jit(sharded, donate_argnums=(0,))
