@@ -114,6 +114,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.linear_lr = 0.1  # at batch 256; scaled linearly with linear_batch_size
     c.eval.linear_optimizer = "sgd"  # "sgd" (Nesterov momentum 0.9) or "lars"; no weight decay
     c.eval.linear_standardize = True  # features standardised with the train split's statistics
+    # 0: train features of centre crops. K > 0: of K random-resized-crop + flip views of every
+    # train image (eval.finetune_crop_scale), computed once; the classifier then trains
+    # linear_epochs / K epochs over the K views, the same number of steps.
+    c.eval.linear_augment_copies = 0
     # `jaxssl eval finetune`: the whole network on a class-balanced fraction of the labels.
     c.eval.finetune_fraction = 0.1  # 0.01 and 0.1 are SimCLR's semi-supervised settings
     c.eval.finetune_epochs = 30  # SimCLR: 60 for 1%, 30 for 10%
@@ -363,6 +367,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                   "finetune_batch_size", "finetune_lr"):
         _check(e[field] > 0, f"eval.{field} must be positive; got {e[field]}")
     _choice("eval.linear_optimizer", e.linear_optimizer, ("sgd", "lars"))
+    _check(e.linear_augment_copies >= 0, f"eval.linear_augment_copies must be >= 0; got "
+                                         f"{e.linear_augment_copies}")
     _check(0 < e.finetune_fraction <= 1, f"eval.finetune_fraction must lie in (0, 1], e.g. 0.01 "
                                          f"or 0.1; got {e.finetune_fraction}")
     _check(e.finetune_weight_decay >= 0, "eval.finetune_weight_decay must be >= 0")

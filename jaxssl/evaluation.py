@@ -43,11 +43,12 @@ def _topk(scores, labels, k: int, **kw) -> float:
     return float(np.mean(np.asarray(topk_correct(scores, labels, k, **kw)), dtype=np.float64))
 
 
-def _extractor(exp, apply_fn=None, output="features") -> FeatureExtractor:
+def _extractor(exp, apply_fn=None, output="features", augment_fn=None) -> FeatureExtractor:
     c = exp.config
     return FeatureExtractor(apply_fn or exp.apply_fn, exp.mesh, mean=exp.train_source.mean,
                             std=exp.train_source.std, size=c.data.out_size,
-                            batch_size=c.eval.batch_size, dtype=exp.dtype, output=output)
+                            batch_size=c.eval.batch_size, dtype=exp.dtype, output=output,
+                            augment_fn=augment_fn, seed=c.seed)
 
 
 def _knn(exp, params, batch_stats, say) -> dict[str, Any]:
@@ -72,36 +73,47 @@ def _linear(exp, params, batch_stats, say) -> dict[str, Any]:
     c, e, train, test = exp.config, exp.config.eval, exp.train_source, exp.eval_source
     extract = _extractor(exp)
     t0 = time.perf_counter()
+    copies = e.linear_augment_copies
+    if copies:
+        # K random crop + flip views of every train image (row p = image p mod N, view p // N).
+        augment = finetune_lib.finetune_augment(c.data.out_size, train.mean, train.std,
+                                                e.finetune_crop_scale, exp.dtype)
+        rows = np.tile(np.arange(train.num_examples), copies)
+        train_extract = _extractor(exp, augment_fn=augment)
+    else:
+        rows, train_extract = np.arange(train.num_examples), extract
     # Split over the devices, zero-padded: no device holds the whole train split's features.
-    train_features = extract(params, batch_stats, train, np.arange(train.num_examples),
-                             padded=True)
+    train_features = train_extract(params, batch_stats, train, rows, padded=True)
+    train_labels = train.labels[rows]
     test_features = extract(params, batch_stats, test, np.arange(test.num_examples))
-    say(f"features of {train.num_examples} train and {test.num_examples} eval images "
-        f"({train_features.shape[1]}-d) in {time.perf_counter() - t0:.0f} s; training the "
-        f"classifier for {e.linear_epochs} epochs")
+    epochs = max(1, round(e.linear_epochs / copies)) if copies else e.linear_epochs
+    say(f"features of {len(rows)} train {'views' if copies else 'images'} and "
+        f"{test.num_examples} eval images ({train_features.shape[1]}-d) in "
+        f"{time.perf_counter() - t0:.0f} s; training the classifier for {epochs} epochs")
     lr = optim.scale_learning_rate(e.linear_lr, e.linear_batch_size, "linear")
     history = []
 
     def progress(epoch, metrics):
         history.append({"epoch": epoch + 1, **metrics})
-        if (epoch + 1) % max(1, e.linear_epochs // 10) == 0 or epoch + 1 == e.linear_epochs:
-            say(f"epoch {epoch + 1}/{e.linear_epochs}: train loss {metrics['loss']:.4f}, "
+        if (epoch + 1) % max(1, epochs // 10) == 0 or epoch + 1 == epochs:
+            say(f"epoch {epoch + 1}/{epochs}: train loss {metrics['loss']:.4f}, "
                 f"top-1 {metrics['top1']:.4f}")
 
     classifier = linear_lib.train_linear_classifier(
-        train_features, train.labels, num_classes=exp.num_classes, epochs=e.linear_epochs,
+        train_features, train_labels, num_classes=exp.num_classes, epochs=epochs,
         batch_size=e.linear_batch_size, learning_rate=lr, optimizer=e.linear_optimizer,
         standardize=e.linear_standardize, seed=c.seed, mesh=exp.mesh,
-        num_rows=train.num_examples, callback=progress)
+        num_rows=len(rows), callback=progress)
     metrics = linear_lib.evaluate_linear_classifier(classifier, test_features, test.labels,
                                                     mesh=exp.mesh)
     return {"top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
             # Of the last epoch's batches, each before its update (no second pass over the
             # train features).
             "train_top1": history[-1]["top1"], "train_history": history,
-            "settings": {"epochs": e.linear_epochs, "batch_size": e.linear_batch_size,
+            "settings": {"epochs": epochs, "batch_size": e.linear_batch_size,
                          "learning_rate": lr, "optimizer": e.linear_optimizer,
-                         "standardize": e.linear_standardize,
+                         "standardize": e.linear_standardize, "augment_copies": copies,
+                         "crop_scale": list(e.finetune_crop_scale) if copies else None,
                          "train_examples": train.num_examples}}
 
 

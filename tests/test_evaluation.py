@@ -12,20 +12,24 @@ import pytest
 
 from jaxssl import cli, models, parallel, state
 from jaxssl import export as export_lib
-from jaxssl.checkpoint import Checkpointer
 from jaxssl.evaluate import finetune, topk
-from test_train import TINY, tiny_config
+from test_train import tiny_config
 from tiny import IMAGE, assert_trees_close, copy
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def trained(tmp_path_factory):
     from jaxssl import train
 
     wd = tmp_path_factory.mktemp("trained")
     result = train.train(tiny_config(), str(wd))
     assert result.status == "done" and result.step == 12
-    return str(wd)
+    return str(wd), jax.device_get(result.state)
+
+
+@pytest.fixture(scope="module")
+def workdir(trained):
+    return trained[0]
 
 
 def _records(workdir):
@@ -53,10 +57,39 @@ def test_eval_knn_is_the_trainers_monitor(workdir, capsys):
     assert _eval(workdir, "knn", "--step", "6")["top1"] == knn[6]
 
 
-def test_eval_linear(workdir):
+def test_eval_linear_equals_the_probe_on_features_computed_directly(trained):
+    """The CLI's padded, device-split features and labels give the classifier that features
+    computed here (unpadded, one call per split) give: rows and labels stay aligned."""
+    from jaxssl import experiment
+    from jaxssl.data import sources
+    from jaxssl.evaluate import linear
+    from jaxssl.evaluate.features import FeatureExtractor
+
+    workdir, state = trained
     record = _eval(workdir, "linear", "--config.eval.linear_epochs=3")
-    assert 0.0 <= record["top1"] <= record["top5"] <= 1.0
     assert record["settings"]["epochs"] == 3 and record["settings"]["train_examples"] == 5000
+    config = tiny_config()
+    model, _ = experiment.build_model(config)
+    mesh = parallel.make_mesh()
+    train_src, test_src = sources.load_builtin("train"), sources.load_builtin("test")
+    extract = FeatureExtractor(models.flax_apply_fn(model), mesh, mean=train_src.mean,
+                               std=train_src.std, size=16, batch_size=1000)
+    f_train = extract(state.params, state.batch_stats, train_src, np.arange(5000))
+    f_test = extract(state.params, state.batch_stats, test_src, np.arange(1000))
+    classifier = linear.train_linear_classifier(
+        f_train, train_src.labels, num_classes=10, epochs=3, batch_size=256,
+        learning_rate=0.1, seed=0, mesh=mesh)
+    want = linear.evaluate_linear_classifier(classifier, f_test, test_src.labels, mesh=mesh)
+    assert record["top1"] == pytest.approx(want["top1"], abs=0.003)
+    assert record["top5"] == pytest.approx(want["top5"], abs=0.003)
+
+
+def test_eval_linear_with_augmented_copies(workdir):
+    record = _eval(workdir, "linear", "--config.eval.linear_epochs=4",
+                   "--config.eval.linear_augment_copies=2")
+    assert record["settings"]["epochs"] == 2 and record["settings"]["augment_copies"] == 2
+    assert len(record["train_history"]) == 2
+    assert 0.1 < record["top1"] <= record["top5"] <= 1.0
 
 
 def test_eval_finetune_on_two_percent_of_the_labels(workdir):
@@ -67,22 +100,9 @@ def test_eval_finetune_on_two_percent_of_the_labels(workdir):
     assert len(record["train_history"]) == 2
 
 
-def _checkpoint_backbone(workdir):
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    try:
-        saved = ckpt._manager.item_metadata(12)
-        saved = getattr(saved, "tree", saved)
-        template = {k: jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), saved[k])
-                    for k in ("params", "batch_stats")}
-        tree = ckpt.restore_subtrees(template, 12)
-    finally:
-        ckpt.close()
-    return jax.device_get(tree["params"]["backbone"]), jax.device_get(
-        tree["batch_stats"]["backbone"])
-
-
-def test_export_both_formats_hold_the_checkpoints_backbone(workdir, tmp_path, capsys):
-    params, stats = _checkpoint_backbone(workdir)
+def test_export_both_formats_hold_the_trained_backbone(trained, tmp_path, capsys):
+    workdir, state = trained  # the trainer's own final state, not read back from the checkpoint
+    params, stats = state.params["backbone"], state.batch_stats["backbone"]
     out = str(tmp_path / "backbone.msgpack")
     assert cli.main(["export", "--workdir", workdir, "--format", "msgpack", "--output", out]) == 0
     p, s, meta = export_lib.load_msgpack(out)

@@ -53,18 +53,29 @@ class FeatureExtractor:
     representation, or e.g. "logits" of a `jaxssl.evaluate.finetune.Classifier`). mean, std:
     per-channel normalisation of pixel / 255 (the training source's). batch_size: global images
     per forward pass, rounded up to a multiple of the devices.
+    augment_fn: optional `augment_fn(images uint8 [b, S, S, 3], keys [b]) -> normalised float
+    [b, S', S', 3]` run on the device instead of the plain normalisation (random crops and flips
+    for an augmented linear probe, `jaxssl.evaluate.finetune.finetune_augment`); the key of the
+    row at position p of `indices` is fold_in(key(seed), p), so each position draws its own view
+    whatever the batch size or the devices.
     """
 
     def __init__(self, apply_fn: Callable, mesh: Mesh, *, mean, std, size: int,
-                 batch_size: int = 512, dtype=jnp.float32, output: str = "features"):
+                 batch_size: int = 512, dtype=jnp.float32, output: str = "features",
+                 augment_fn: Callable | None = None, seed: int = 0):
         self.mesh, self.size = mesh, size
         n_dev = mesh.shape[DATA_AXIS]
         self.batch_size = -(-batch_size // n_dev) * n_dev
         mean = jnp.asarray(mean, jnp.float32)
         std = jnp.asarray(std, jnp.float32)
+        root_key = jax.random.key(seed)
 
-        def features(params, batch_stats, images):
-            x = ((images.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
+        def features(params, batch_stats, images, positions):
+            if augment_fn is None:
+                x = ((images.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
+            else:
+                keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(root_key, positions)
+                x = augment_fn(images, keys).astype(dtype)
             outputs, _ = apply_fn(params, batch_stats, x, train=False)
             f = outputs[output].astype(jnp.float32)
             return f, jnp.all(jnp.isfinite(f))
@@ -98,8 +109,10 @@ class FeatureExtractor:
             idx = indices[i * b:(i + 1) * b]
             idx = np.concatenate([idx, np.full(b - len(idx), idx[0])])  # pad the last batch
             local = idx.reshape(pc, -1)[pi]  # this process's rows of the global batch
-            images = host_to_global(eval_images(source, local, self.size), self.mesh)
-            f, ok = self._features(params, batch_stats, images)
+            positions = (i * b + np.arange(b, dtype=np.int32)).reshape(pc, -1)[pi]
+            images, positions = host_to_global(
+                (eval_images(source, local, self.size), positions), self.mesh)
+            f, ok = self._features(params, batch_stats, images, positions)
             if not in_place:
                 chunks.append(f)
             else:
