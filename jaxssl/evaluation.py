@@ -123,7 +123,10 @@ def _finetune(exp, params, batch_stats, say) -> dict[str, Any]:
     n_dev, size = mesh.shape[parallel.DATA_AXIS], c.data.out_size
     idx = finetune_lib.label_fraction(train.labels, e.finetune_fraction, c.seed)
     unit = n_dev * jax.process_count() // np.gcd(n_dev, jax.process_count())
-    batch = min(e.finetune_batch_size, len(idx)) // unit * unit
+    # The batch that splits the subset into as many steps as eval.finetune_batch_size would,
+    # evenly: an epoch then sees (nearly) every labelled image, not floor(n / batch) batches.
+    per_epoch = -(-len(idx) // e.finetune_batch_size)
+    batch = len(idx) // per_epoch // unit * unit
     if batch == 0:
         raise ConfigError(f"{len(idx)} labelled examples cannot fill a batch on {n_dev} devices; "
                           "raise eval.finetune_fraction")
@@ -174,7 +177,8 @@ def _finetune(exp, params, batch_stats, say) -> dict[str, Any]:
     return {"top1": _topk(scores, test.labels, 1), "top5": _topk(scores, test.labels, 5),
             "train_history": history,
             "settings": {"fraction": e.finetune_fraction, "labelled_examples": int(len(idx)),
-                         "epochs": e.finetune_epochs, "batch_size": batch, "learning_rate": lr,
+                         "epochs": e.finetune_epochs, "steps": total,
+                         "batch_size": batch, "learning_rate": lr,
                          "weight_decay": e.finetune_weight_decay,
                          "crop_scale": list(e.finetune_crop_scale)}}
 
@@ -225,7 +229,8 @@ def evaluate(kind: str, config: ml_collections.ConfigDict, workdir: str, *,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     path = os.path.join(workdir, "eval", f"{kind}.json")
     if main:
-        _write_json(path, record)
+        _write_json(path, record)  # the newest evaluation of this kind
+        _write_json(os.path.join(workdir, "eval", f"{kind}_step{step}.json"), record)
         say(f"{kind} top-1 {record['top1']:.4f}, top-5 {record['top5']:.4f} "
             f"({record['seconds']:.0f} s); written to {path}")
     return record
@@ -259,6 +264,9 @@ def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, fmt:
             data = json.load(f)
         metadata.update(dataset=str(data["name"]), mean=json.dumps(data["mean"]),
                         std=json.dumps(data["std"]))
+    else:
+        print(f"note: {workdir} has no data.json (trained by an older jaxssl): the export's "
+              "metadata lacks the normalisation mean/std", file=stream, flush=True)
     if jax.process_index() == 0:
         try:
             export_lib.export_backbone(output, jax.device_get(params), jax.device_get(batch_stats),
