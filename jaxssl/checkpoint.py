@@ -78,17 +78,22 @@ class Checkpointer:
         self._manager.save(int(step), args=ocp.args.PyTreeSave(state), metrics=metrics,
                            force=True)
 
-    def restore(self, template: Any, step: int | None = None, *, partial: bool = False) -> Any:
-        """The state saved at `step` (default: the latest), with the structure, shapes, dtypes
-        and shardings of `template` (a state or its jax.eval_shape). IncompatibleCheckpointError
-        when the saved state is of another model. partial=True: leaves saved but absent from
-        the template are skipped (e.g. a template whose probe is None)."""
+    def _step_and_abstract(self, step: int | None, template: Any):
+        """(step, or the latest; the template as ShapeDtypeStructs with its shardings)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             template)
+        return step, abstract
+
+    def restore(self, template: Any, step: int | None = None, *, partial: bool = False) -> Any:
+        """The state saved at `step` (default: the latest), with the structure, shapes, dtypes
+        and shardings of `template` (a state or its jax.eval_shape). IncompatibleCheckpointError
+        when the saved state is of another model. partial=True: leaves saved but absent from
+        the template are skipped (e.g. a template whose probe is None)."""
+        step, abstract = self._step_and_abstract(step, template)
         try:
             return self._manager.restore(step, args=ocp.args.PyTreeRestore(
                 abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
@@ -107,12 +112,7 @@ class Checkpointer:
         wanted). IncompatibleCheckpointError, naming the first parameter that differs, when the
         saved fields are of another model.
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-            template)
+        step, abstract = self._step_and_abstract(step, template)
         saved = self._manager.item_metadata(step)
         saved = getattr(saved, "tree", saved)
         want = {jax.tree_util.keystr(k): x.shape
