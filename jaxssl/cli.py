@@ -24,6 +24,14 @@ config: a file (configs/simclr_cifar10.py), a name from configs/ (demo), and an 
 """
 
 
+_EVAL_EPILOG = """\
+the config is the run's own (WORKDIR/config.json); override any field as --config.FIELD=VALUE,
+  e.g. --config.eval.linear_epochs=90 --config.eval.linear_augment_copies=10
+  --config.eval.finetune_fraction=0.01 --config.eval.batch_size=256
+results: printed, and written to WORKDIR/eval/KIND.json (and KIND_stepN.json).
+"""
+
+
 def _split_overrides(rest: list[str], parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
     overrides, i = [], 0
     while i < len(rest):
@@ -97,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: runs/<config name>)")
     p.set_defaults(run=_train)
     e = sub.add_parser("eval", help="evaluate a trained workdir: knn, linear or finetune",
-                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=_EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("kind", choices=["knn", "linear", "finetune"],
                    help="knn: the trainer's kNN monitor; linear: a linear classifier on frozen "
                         "features; finetune: the whole network on a fraction of the labels")
