@@ -22,6 +22,7 @@ __all__ = [
     "data_sharded",
     "check_global_batch",
     "host_to_global",
+    "put_global",
     "compile_step",
 ]
 
@@ -96,6 +97,22 @@ def host_to_global(batch: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree.map(put, batch)
+
+
+def put_global(tree: Any, sharding: NamedSharding) -> Any:
+    """Host values (numpy, or arrays on one device), the same on every process, laid out by
+    `sharding` over a mesh that may span several processes (where jax.device_put refuses
+    devices of other processes): each process fills its own devices from its copy."""
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)
 
 
 def compile_step(step_fn: Callable, mesh: Mesh, *, donate_state: bool = True) -> Callable:

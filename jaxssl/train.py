@@ -23,7 +23,7 @@ from typing import Any, TextIO
 import jax
 import ml_collections
 
-from jaxssl import configuration, experiment, parallel
+from jaxssl import configuration, distributed, experiment, parallel
 from jaxssl.checkpoint import Checkpointer, IncompatibleCheckpointError
 from jaxssl.configuration import ConfigError
 from jaxssl.data import pipeline, preview
@@ -126,9 +126,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     train_source, eval_source = exp.train_source, exp.eval_source
     steps_per_epoch, total_steps, schedule = exp.steps_per_epoch, exp.total_steps, exp.schedule
     train_step = experiment.compiled_step(exp)
-    state = jax.device_put(experiment.initial_state(exp), parallel.replicated(mesh))
-    train_key = jax.device_put(jax.random.fold_in(jax.random.key(config.seed), 1),
-                               parallel.replicated(mesh))
+    # Made by programs with no inputs whose outputs are laid out over the mesh: this works when
+    # the mesh spans several processes, where device_put of a local value does not.
+    replicated = parallel.replicated(mesh)
+    state = jax.jit(lambda: experiment.initial_state(exp), out_shardings=replicated)()
+    train_key = jax.jit(lambda: jax.random.fold_in(jax.random.key(config.seed), 1),
+                        out_shardings=replicated)()
     if config.eval.online_probe and exp.probe_tx is None:
         say(f"note: the online probe is off: {train_source.name} has no labels")
 
@@ -240,7 +243,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
                 pending = (n, metrics)
                 log_now = n % config.log_every_steps == 0 or n == total_steps
                 eval_now = knn_on and (n % config.eval_every_steps == 0 or n == total_steps)
-                stopping = bool(stop)  # read once: a signal may land at any line below
+                # Read once (a signal may land at any line below), and agreed by every process:
+                # a preemption notice on any of them makes all save this same step and exit.
+                stopping = distributed.any_process(bool(stop))
                 save_now = n % config.checkpoint_every_steps == 0 or n == end or stopping
                 if n == start + 1 or log_now or eval_now or save_now:
                     values = _finite_values(*pending, last_good, ckpt_dir)
@@ -278,7 +283,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
                 if stopping:
                     status = "preempted"
                     ckpt.wait()
-                    say(f"received {stop.signal_name}: saved a checkpoint at step {n} in "
+                    what = stop.signal_name or "a stop request on another process"
+                    say(f"received {what}: saved a checkpoint at step {n} in "
                         f"{ckpt_dir}; run the same command again to continue")
                     break
             else:

@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxssl.losses import l2_normalize
-from jaxssl.parallel import DATA_AXIS
+from jaxssl.parallel import DATA_AXIS, put_global
 
 __all__ = ["knn_scores", "knn_top1"]
 
@@ -183,7 +183,7 @@ def _place_bank(bank, mesh: Mesh | None, dtype) -> jax.Array:
             return pad_cast(bank)
         # On other devices (e.g. a single one outside the mesh): pad and cast where it lives,
         # then move each device its rows.
-        return jax.device_put(jnp.pad(bank.astype(dtype), ((0, n_pad), (0, 0))), shard)
+        return put_global(jnp.pad(bank.astype(dtype), ((0, n_pad), (0, 0))), shard)
     # A host array: each device is sent only its own rows, padded and cast one block at a time,
     # so neither a device nor a second host buffer ever holds the whole bank. In a multi-process
     # run each process fills its own devices from its copy.
@@ -206,7 +206,7 @@ def _place(x, mesh: Mesh | None, spec: P):
     sharding = NamedSharding(mesh, spec)
     if isinstance(x, jax.Array) and x.sharding.device_set == sharding.device_set:
         return x
-    return jax.device_put(x, sharding)
+    return put_global(x, sharding)
 
 
 def knn_scores(bank, bank_labels, queries, *, num_classes: int, k: int = 200,
@@ -260,7 +260,7 @@ def knn_scores(bank, bank_labels, queries, *, num_classes: int, k: int = 200,
     bank_dtype = jnp.dtype(bank_dtype)
     bank = _place_bank(bank, mesh, bank_dtype)
     labels = np.pad(bank_labels, (0, bank.shape[0] - n))
-    labels = labels if mesh is None else jax.device_put(labels, NamedSharding(mesh, P(DATA_AXIS)))
+    labels = labels if mesh is None else put_global(labels, NamedSharding(mesh, P(DATA_AXIS)))
     program = _program(mesh, n_valid=n, k=k, num_classes=num_classes,
                        temperature=float(temperature),
                        chunk=max(1, min(chunk_size, queries.shape[0])), bank_chunk=bank_chunk_size)

@@ -1,0 +1,118 @@
+"""Multi-process (multi-host) start-up with JAX's own runtime, `jax.distributed`.
+
+`initialize` starts it when, and only when, the job is one of several processes: explicit flags
+(`--coordinator HOST:PORT --num_processes N --process_id I`), a SLURM job step with more than
+one task, or a multi-host Cloud TPU slice (JAX reads the cluster from their environment). A plain
+single machine never starts it. Afterwards every process sees all devices of all processes in
+`jax.devices()`, reads its own part of the data (`jaxssl.data.pipeline.BatchPlan`) and the global
+batches are assembled with `jax.make_array_from_process_local_data`.
+
+Must run before anything touches a JAX backend (`jax.devices()`, the first computation).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+__all__ = ["initialize", "launcher", "any_process"]
+
+
+def launcher() -> str | None:
+    """The multi-process launcher this process runs under ("slurm", "tpu_pod"), or None."""
+    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in os.environ:
+        return "slurm"
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if len([h for h in hosts.split(",") if h]) > 1:
+        return "tpu_pod"
+    return None
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, timeout_s: int = 300) -> str | None:
+    """Start jax.distributed if this is one of several processes; returns how ("flags",
+    "slurm", "tpu_pod") or None when it is a single process.
+
+    ValueError (one line) for inconsistent flags, or when the processes do not all meet the
+    coordinator within timeout_s (an unreachable coordinator, process counts that differ
+    between processes, a process id given twice) instead of a hang.
+    """
+    given = [x is not None for x in (coordinator, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise ValueError("--coordinator, --num_processes and --process_id go together: give all "
+                         "three (e.g. --coordinator host0:12355 --num_processes 2 --process_id 0)")
+    if all(given):
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ValueError(f"--process_id must lie in [0, {num_processes}) and --num_processes "
+                             f"be >= 1; got process {process_id} of {num_processes}")
+        if ":" not in coordinator:
+            raise ValueError(f"--coordinator wants HOST:PORT (process 0's address); got "
+                             f"{coordinator!r}")
+        if num_processes == 1:
+            return None
+        how, kwargs = "flags", dict(coordinator_address=coordinator,
+                                    num_processes=num_processes, process_id=process_id)
+    else:
+        how, kwargs = launcher(), {}
+        if how is None:
+            return None
+    if how == "flags" and process_id != 0:
+        # JAX's client aborts the whole process (no exception) when the coordinator never
+        # answers: find out first, with a clear error.
+        _wait_for(coordinator, timeout_s)
+    # CPU processes exchange collectives over gloo (the test bed: N processes on one machine);
+    # GPUs and TPUs use their own interconnect and ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    where = f" at {coordinator}" if coordinator else ""
+    try:
+        jax.distributed.initialize(initialization_timeout=timeout_s, **kwargs)
+    except Exception as e:  # XlaRuntimeError (DEADLINE_EXCEEDED, ...) or a launcher's mistake
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(
+            f"jax.distributed did not start ({how}){where} within {timeout_s} s: {first}; check "
+            "that every process got the same --coordinator and --num_processes, a distinct "
+            "--process_id, and that process 0 is running and reachable") from e
+    if how == "flags":
+        # The coordinator does not compare the process counts its clients were given: a process
+        # told N = 3 joins a job of 2. Every process compares them now, and all stop together.
+        from jax.experimental import multihost_utils
+
+        told = multihost_utils.process_allgather(np.array([num_processes, process_id], np.int32))
+        counts, ids = sorted(set(told[:, 0].tolist())), sorted(told[:, 1].tolist())
+        if counts != [jax.process_count()] or ids != list(range(jax.process_count())):
+            raise ValueError(
+                f"the processes disagree: --num_processes {counts} and --process_id {ids} for "
+                f"{jax.process_count()} processes that started; give every process the same "
+                "--num_processes and each a distinct --process_id from 0")
+    return how
+
+
+def _wait_for(address: str, timeout_s: int) -> None:
+    """Return once HOST:PORT accepts a connection; ValueError after timeout_s."""
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return
+        except (OSError, ValueError) as e:
+            if time.monotonic() > deadline:
+                raise ValueError(
+                    f"the coordinator {address} did not answer within {timeout_s} s ({e}); start "
+                    "process 0 there (--process_id 0), or fix --coordinator") from e
+            time.sleep(0.5)
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is true on any of them (a collective: every process
+    must call it at the same point). One process: the flag itself."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(bool(flag)))))
