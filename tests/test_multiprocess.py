@@ -38,6 +38,21 @@ def _spawn(workdir, pid, port, *extra, num_processes=2, timeout=120):
                             text=True)
 
 
+def test_launch_scripts_parse_and_print_their_usage():
+    launch = os.path.join(os.path.dirname(os.path.dirname(__file__)), "launch")
+    scripts = sorted(f for f in os.listdir(launch) if f.endswith((".sh", ".sbatch")))
+    assert scripts == ["local_gpu.sh", "local_multiprocess.sh", "slurm.sbatch", "tpu_vm.sh"]
+    for name in scripts:
+        path = os.path.join(launch, name)
+        subprocess.run(["bash", "-n", path], check=True)
+        out = subprocess.run(["bash", path, "--help"], capture_output=True, text=True, check=True)
+        assert out.stdout.startswith("usage:"), (name, out.stdout)
+    # The TPU script's gcloud commands, without gcloud.
+    out = subprocess.run(["bash", os.path.join(launch, "tpu_vm.sh"), "create", "--spot",
+                          "--dry-run"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("gcloud compute tpus tpu-vm create jaxssl") and "--spot" in out
+
+
 def _finish(procs, timeout=600):
     outs = [p.communicate(timeout=timeout) for p in procs]
     return [p.returncode for p in procs], outs
@@ -55,11 +70,18 @@ def _saved_params(workdir, template):
 
 def test_two_processes_of_4_devices_equal_one_process_of_8(tmp_path):
     single = train.train(tiny_config(), str(tmp_path / "single"))  # 8 devices, this process
-    port = _free_port()
-    procs = [_spawn(tmp_path / "multi", pid, port) for pid in (0, 1)]
-    codes, outs = _finish(procs)
-    assert codes == [0, 0], outs
-    assert "process 1 of 2 (flags): 4 of 8 devices here" in outs[1][1]
+    # The two processes as launch/local_multiprocess.sh starts them.
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "launch",
+                          "local_multiprocess.sh")
+    run = subprocess.run(
+        ["bash", script, "-n", "2", "-d", "4", "-p", str(_free_port()), "-l", str(tmp_path), "--",
+         "--config", "demo", "--workdir", str(tmp_path / "multi"), "--distributed_timeout", "120",
+         *[f"--config.{k}={v}" for k, v in TINY]],
+        env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-2000:])
+    assert "done: 12 steps" in run.stdout
+    with open(tmp_path / "jaxssl_process_1.log") as f:
+        assert "process 1 of 2 (flags): 4 of 8 devices here" in f.read()
     # Only process 0 writes logs; its metrics (losses, kNN over both processes' features) equal
     # the single process's.
     got, want = records_without_timing(tmp_path / "multi"), records_without_timing(
