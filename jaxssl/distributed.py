@@ -82,6 +82,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         told = multihost_utils.process_allgather(np.array([num_processes, process_id], np.int32))
         counts, ids = sorted(set(told[:, 0].tolist())), sorted(told[:, 1].tolist())
         if counts != [jax.process_count()] or ids != list(range(jax.process_count())):
+            # Every process is here: leave together now, not after the exit barrier's timeout.
+            jax.distributed.shutdown()
             raise ValueError(
                 f"the processes disagree: --num_processes {counts} and --process_id {ids} for "
                 f"{jax.process_count()} processes that started; give every process the same "
