@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One prepared run for the GPU machine: correctness checks, then step throughput of jaxssl and
-# PyTorch. Results go to $OUT (default /tmp/jaxssl_gpu_suite). On a CPU: TINY=1 for a smoke run.
+# One prepared run for the GPU machine: correctness checks, step throughput of jaxssl and
+# PyTorch, then InfoNCE's peak memory, plain against blockwise. Results go to $OUT (default
+# /tmp/jaxssl_gpu_suite). On a CPU: TINY=1 for a smoke run.
 #
 #   bash benchmarks/gpu_suite.sh           # on the GPU machine
 #   TINY=1 bash benchmarks/gpu_suite.sh    # CPU smoke test of the same script
@@ -33,3 +34,7 @@ for model in resnet18_cifar resnet50; do
     --device-augment "${tiny[@]}" 2> "$OUT/jax_aug_${model}.err" | tee -a "$OUT/throughput.jsonl"
   tail -3 "$OUT/jax_aug_${model}.err"
 done
+echo "== InfoNCE memory (plain vs blockwise, 8k-128k views; one process per measurement)"
+timeout "${INFONCE_TIMEOUT:-1500}" "$PY" benchmarks/infonce_memory.py --timeout "${BENCH_TIMEOUT:-240}" \
+  "${tiny[@]}" 2> "$OUT/infonce_memory.err" | tee "$OUT/infonce_memory.jsonl"
+tail -3 "$OUT/infonce_memory.err"

@@ -87,6 +87,9 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.loss = ml_collections.ConfigDict()
     c.loss.temperature = 0.1
+    # SimCLR: 0 computes the [2N, 2N] logits at once; > 0 in tiles of this side
+    # (losses.info_nce_blockwise: the same loss, memory bounded for very large batches).
+    c.loss.block_size = 0
 
     c.moco = ml_collections.ConfigDict()  # read when method is "moco"
     c.moco.queue_size = 4096  # K: a multiple of the keys enqueued per step
@@ -356,6 +359,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _check(config[field] > 0, f"{field} must be positive; got {config[field]}")
     _check(config.loss.temperature > 0, f"loss.temperature must be positive; got "
                                         f"{config.loss.temperature}")
+    _check(config.loss.block_size >= 0, f"loss.block_size must be >= 0 (0 = the plain loss, "
+                                        f"e.g. 4096 for tiles); got {config.loss.block_size}")
     _check(config.data.out_size >= 8, f"data.out_size must be at least 8; got {config.data.out_size}")
     _check(config.optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
     _check(config.eval.knn_k >= 1, f"eval.knn_k must be >= 1; got {config.eval.knn_k}")

@@ -190,7 +190,8 @@ def compiled_step(exp: Experiment) -> Callable:
             steps.simclr_step, apply_fn=exp.apply_fn, tx=exp.tx,
             temperature=config.loss.temperature,
             average_batch_stats=parallel.BN_MODES[config.model.bn].average_batch_stats,
-            augment_fn=exp.augment_fn, probe_tx=exp.probe_tx)
+            augment_fn=exp.augment_fn, probe_tx=exp.probe_tx,
+            loss_block_size=config.loss.block_size)
     return parallel.compile_step(step_fn, exp.mesh)
 
 

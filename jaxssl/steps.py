@@ -16,7 +16,8 @@ import optax
 
 from jaxssl import ema
 from jaxssl.probe import probe_update
-from jaxssl.losses import info_nce_with_accuracy, moco_info_nce_with_accuracy
+from jaxssl.losses import (info_nce_blockwise_with_accuracy, info_nce_with_accuracy,
+                           moco_info_nce_with_accuracy)
 from jaxssl.queue import enqueue
 from jaxssl.state import TrainState
 
@@ -86,6 +87,7 @@ def simclr_step(
     average_batch_stats: bool = False,
     augment_fn: Callable | None = None,
     probe_tx: optax.GradientTransformation | None = None,
+    loss_block_size: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SimCLR update.
 
@@ -111,6 +113,9 @@ def simclr_step(
       probe_tx: the online probe's optimizer (`jaxssl.probe`): state.probe is trained on the
         stop-gradient backbone features of both views and the batch's labels. It does not
         change the encoder's update.
+      loss_block_size: 0 computes the loss with `info_nce` (all [2b, 2N] logits at once); > 0
+        with `info_nce_blockwise` in tiles of this side: the same loss and gradient in memory
+        that does not grow with b x N, for global batches whose logits would not fit.
 
     Returns:
       (new_state, metrics) with float32 scalar metrics "train/loss",
@@ -131,9 +136,14 @@ def simclr_step(
             params, state.batch_stats, jnp.concatenate([x1, x2], axis=0), train=True
         )
         z = outputs["projection"]
-        loss, accuracy = info_nce_with_accuracy(
-            z[:b], z[b:], temperature=temperature, axis_name=axis_name
-        )
+        if loss_block_size:
+            loss, accuracy = info_nce_blockwise_with_accuracy(
+                z[:b], z[b:], temperature=temperature, axis_name=axis_name,
+                block_size=loss_block_size)
+        else:
+            loss, accuracy = info_nce_with_accuracy(
+                z[:b], z[b:], temperature=temperature, axis_name=axis_name
+            )
         return loss, (accuracy, new_batch_stats, outputs.get("features"))
 
     # The loss is already the global mean (pmean inside info_nce), so under shard_map the
