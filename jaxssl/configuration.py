@@ -222,15 +222,17 @@ def load_workdir_config(workdir: str) -> tuple[ml_collections.ConfigDict, list[s
     """
     import json
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isdir(workdir):
+    from jaxssl import files
+
+    workdir = files.resolve(workdir)
+    path = files.join(workdir, "config.json")
+    if not files.isdir(workdir):
         raise ConfigError(f"workdir {workdir} does not exist; pass the --workdir of a training run")
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         raise ConfigError(f"{workdir} has no config.json: it is not the workdir of a training run "
                           "(jaxssl train --workdir DIR writes one)")
     try:
-        with open(path) as f:
-            saved = json.load(f)
+        saved = json.loads(files.read_text(path))
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read {path}: {_one_line(e)}") from e
     config, ignored = default_config(), []

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Callable
 
 import jax
@@ -20,7 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jaxssl import ema, models, optim, parallel, probe as probe_lib, queue as queue_lib
+from jaxssl import ema, files, models, optim, parallel, probe as probe_lib, queue as queue_lib
 from jaxssl import state as state_lib, steps
 from jaxssl.checkpoint import Checkpointer, IncompatibleCheckpointError
 from jaxssl.configuration import ConfigError
@@ -223,8 +222,8 @@ def restore_encoder(model, mesh: Mesh, workdir: str, step: int | None = None, *,
     training workdir, replicated over the mesh: the encoder and head only, whatever the
     optimizer, queue or probe were (image_size: the side of the images it was built for). ConfigError (one line) for a workdir without checkpoints, a
     step that was not saved, or a checkpoint of another model."""
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
+    ckpt_dir = files.join(workdir, "checkpoints")
+    if not files.isdir(ckpt_dir):
         raise ConfigError(f"no checkpoints in {workdir}: pass the --workdir of a training run "
                           "(jaxssl train --workdir DIR)")
     params, batch_stats = jax.eval_shape(lambda: models.init_variables(

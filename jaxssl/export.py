@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 from typing import Any, Callable, Mapping
 
 import flax.serialization
 import numpy as np
 import safetensors.numpy
+
+from jaxssl import files
 
 __all__ = ["FORMATS", "export_backbone", "from_torchvision_state_dict", "load_msgpack",
            "load_safetensors", "torchvision_state_dict"]
@@ -149,26 +150,6 @@ FORMATS: dict[str, Callable[[Mapping, Mapping, dict[str, str]], bytes]] = {
 }
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    """Writes a temporary file beside `path`, then renames it: readers see all or nothing."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"cannot write {path}: it is a directory")
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
-    try:
-        # 0o666 less the umask, as open() would give: mkstemp's 0o600 would survive the rename.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise type(e)(f"cannot write {path}: {e.strerror or e}") from e
-
-
 def export_backbone(path: str, params: Mapping[str, Any], batch_stats: Mapping[str, Any], *,
                     format: str, metadata: dict[str, str]) -> None:
     """Writes the "backbone" subtree of a ContrastiveModel's variables to `path`, atomically.
@@ -190,13 +171,12 @@ def export_backbone(path: str, params: Mapping[str, Any], batch_stats: Mapping[s
         raise ValueError(f"params and batch_stats need a 'backbone' subtree (the full model's "
                          f"variables); params has {sorted(params)}")
     data = FORMATS[format](params["backbone"], batch_stats["backbone"], dict(metadata))
-    _write_atomically(os.fspath(path), data)
+    files.write_bytes(os.fspath(path), data)  # atomic; local or remote (gs://)
 
 
 def load_msgpack(path: str) -> tuple[dict, dict, dict[str, str]]:
     """Reads a "msgpack" export: (backbone params, backbone batch_stats, metadata), numpy leaves."""
-    with open(path, "rb") as f:
-        tree = flax.serialization.msgpack_restore(f.read())
+    tree = flax.serialization.msgpack_restore(files.read_bytes(os.fspath(path)))
     return tree["params"], tree["batch_stats"], tree["metadata"]
 
 

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 import jax
 import ml_collections
 
-from jaxssl import configuration, distributed, experiment, parallel
+from jaxssl import configuration, distributed, experiment, files, parallel
 from jaxssl.checkpoint import Checkpointer, IncompatibleCheckpointError
 from jaxssl.configuration import ConfigError
 from jaxssl.data import pipeline, preview
@@ -50,33 +50,33 @@ class RunResult:
 
 
 def _prepare_workdir(workdir: str) -> str:
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+    workdir = files.resolve(workdir)
+    probe = files.join(workdir, f".write_test.{os.getpid()}.{jax.process_index()}")
     try:
-        os.makedirs(workdir, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"cannot write to workdir {workdir} ({e.strerror or e}); pass a "
+        files.makedirs(workdir)
+        files.write_text(probe, "ok")
+        files.remove(probe)
+    except Exception as e:  # OSError locally; a remote store raises its own kinds
+        hint = (" (gs:// needs TensorFlow or gcsfs installed, and credentials: "
+                "gcloud auth application-default login)" if files.is_remote(workdir) else "")
+        reason = getattr(e, "strerror", None) or configuration._one_line(e)
+        raise ConfigError(f"cannot write to workdir {workdir} ({reason}){hint}; pass a "
                           "--workdir you can write to") from e
     return workdir
 
 
 def _write_config(config, workdir: str, say) -> None:
-    path = os.path.join(workdir, "config.json")
+    path = files.join(workdir, "config.json")
     new = json.loads(config.to_json_best_effort())
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    if files.exists(path):
+        old = json.loads(files.read_text(path))
         flat_old, flat_new = _flatten(old), _flatten(new)
         changed = sorted(k for k in flat_old.keys() | flat_new.keys()
                          if flat_old.get(k) != flat_new.get(k))
         if changed:
             say(f"note: the config differs from the one that started this workdir in: "
                 f"{', '.join(changed)}")
-    with open(path, "w") as f:
-        json.dump(new, f, indent=2)
+    files.write_text(path, json.dumps(new, indent=2))
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -136,7 +136,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
         say(f"note: the online probe is off: {train_source.name} has no labels")
 
     # Resume from the latest complete checkpoint, if any.
-    ckpt_dir = os.path.join(workdir, "checkpoints")
+    ckpt_dir = files.join(workdir, "checkpoints")
     knn_on = config.eval.knn and eval_source is not None and train_source.labels is not None \
         and eval_source.labels is not None
     ckpt = Checkpointer(ckpt_dir, keep_last=config.checkpoint.keep,
@@ -161,15 +161,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     if main:
         _write_config(config, workdir, say)
         # What evaluation and export need to know of the data without loading it again.
-        with open(os.path.join(workdir, "data.json"), "w") as f:
-            json.dump({"name": train_source.name, "num_examples": train_source.num_examples,
-                       "mean": list(train_source.mean), "std": list(train_source.std),
-                       "class_names": list(train_source.class_names or []),
-                       "image_size": d.out_size}, f, indent=2)
-    log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+        files.write_text(files.join(workdir, "data.json"), json.dumps(
+            {"name": train_source.name, "num_examples": train_source.num_examples,
+             "mean": list(train_source.mean), "std": list(train_source.std),
+             "class_names": list(train_source.class_names or []),
+             "image_size": d.out_size}, indent=2))
+    log = MetricsLog(files.join(workdir, "metrics.jsonl"))
     if main:
         log.truncate_after(start)
-    tb = TensorBoardWriter(os.path.join(workdir, "tensorboard")) if main else None
+    tb = TensorBoardWriter(files.join(workdir, "tensorboard")) if main else None
     if tb and start:
         tb.restart(start + 1)
 
@@ -204,7 +204,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
             f"{total_steps} steps of batch {config.batch_size} ({steps_per_epoch} steps/epoch) "
             f"on {n_dev} {jax.devices()[0].platform} device(s); workdir {workdir}")
         if main:
-            preview.write_preview(os.path.join(workdir, "augment_preview.png"), train_source,
+            preview.write_preview(files.join(workdir, "augment_preview.png"), train_source,
                                   exp.recipe, d.out_size, seed=config.seed,
                                   mode="device" if d.augment == "device" else "host")
         if knn_on:
@@ -302,7 +302,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
                 None)
     last = [r["eval/knn_top1"] for r in records if "eval/knn_top1" in r and r["step"] > 0]
     final_step = int(jax.device_get(state.step))
-    if main and plot_curves(records, os.path.join(workdir, "curves.png")) is None:
+    if main and plot_curves(records, files.join(workdir, "curves.png")) is None:
         say("note: curves.png not written: matplotlib is not installed")
     result = RunResult(status, final_step, total_steps, last[-1] if last else None, init, state)
     if status == "done" and main:

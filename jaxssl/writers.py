@@ -6,6 +6,7 @@ protobufs (the TFRecord framing is 16 bytes around each record).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -15,42 +16,43 @@ import sys
 import time
 from typing import Any, TextIO
 
+from jaxssl import files
+
 __all__ = ["MetricsLog", "TensorBoardWriter", "ProgressBar", "plot_curves", "format_duration"]
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step ({"step": ..., "train/loss": ...})."""
+    """metrics.jsonl: one JSON object per logged step ({"step": ..., "train/loss": ...}).
+
+    `path` may be remote (see jaxssl.files): there each write uploads the whole file again,
+    from the copy kept here."""
 
     def __init__(self, path: str):
         self.path = path
+        self._text: str | None = None  # the file's contents, known after a remote write
 
     def read(self) -> list[dict[str, Any]]:
-        if not os.path.exists(self.path):
+        if not files.exists(self.path):
             return []
         records = []
-        with open(self.path) as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError:  # a line cut short by a kill: drop it
-                        continue
+        for line in files.read_text(self.path).splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut short by a kill: drop it
+                    continue
         return records
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after `step` (written by a run that stopped past its last
         checkpoint), so a resumed run's log reads as one uninterrupted run."""
         records = [r for r in self.read() if r.get("step", 0) <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, self.path)
+        self._text = "".join(json.dumps(r) + "\n" for r in records)
+        files.write_text(self.path, self._text)
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._text = files.append_text(self.path, json.dumps(record) + "\n", current=self._text)
 
 
 def _masked_crc32c(data: bytes) -> int:
@@ -59,16 +61,52 @@ def _masked_crc32c(data: bytes) -> int:
     return masked_crc32c(data)
 
 
+class _NoTensorBoard:
+    """Stands in for TensorBoardWriter where the tensorboard package is absent (a GPU host
+    with no TensorFlow stack): says so once and writes nothing; metrics.jsonl has every value."""
+
+    def __init__(self):
+        print("note: TensorBoard events are not written: the tensorboard package is not "
+              "installed (metrics.jsonl holds every logged value)", file=sys.stderr, flush=True)
+
+    def restart(self, step: int) -> None:
+        pass
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class TensorBoardWriter:
     """Scalar summaries in a TensorBoard event file under `logdir`."""
+
+    def __new__(cls, logdir: str):
+        # Without tensorboard (its protobufs are what this writer writes) the trainer still
+        # runs: the writer is a _NoTensorBoard, and __init__ below is not called.
+        try:
+            import tensorboard.compat.proto.event_pb2  # noqa: F401
+        except ImportError:
+            return _NoTensorBoard()
+        return super().__new__(cls)
 
     def __init__(self, logdir: str):
         from tensorboard.compat.proto import event_pb2, summary_pb2
 
         self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
-        os.makedirs(logdir, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
-        self._file = open(os.path.join(logdir, name), "ab")
+        self.path = files.join(logdir, name)
+        if files.is_remote(logdir):
+            # An object cannot be appended to: the events are kept here and uploaded whole
+            # at every flush (scalars only: kilobytes).
+            self._file, self._remote = io.BytesIO(), True
+        else:
+            files.makedirs(logdir)
+            self._file, self._remote = open(self.path, "ab"), False
         self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
     def _write(self, event) -> None:
@@ -86,9 +124,16 @@ class TensorBoardWriter:
         summary = self._summary_pb2.Summary(value=[
             self._summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()])
         self._write(self._event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
-        self._file.flush()
+        self.flush()
+
+    def flush(self) -> None:
+        if self._remote:
+            files.write_bytes(self.path, self._file.getvalue())
+        else:
+            self._file.flush()
 
     def close(self) -> None:
+        self.flush()
         self._file.close()
 
 
@@ -169,6 +214,8 @@ def plot_curves(records: list[dict[str, Any]], path: str) -> str | None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=100, format="png")
     plt.close(fig)
+    files.write_bytes(path, png.getvalue())
     return path

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
 
+from jaxssl import files
 from jaxssl.data.recipes import Recipe
 
 __all__ = ["preview_grid", "write_preview"]
@@ -68,6 +69,8 @@ def write_preview(path: str, source, recipe: Recipe, out_size: int, *, n: int = 
     else:
         raise ValueError(f"preview mode must be 'device' or 'host'; got {mode!r}")
     grid = preview_grid(originals, np.asarray(v1), np.asarray(v2), source.mean, source.std)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid).save(path)
+    png = io.BytesIO()
+    Image.fromarray(grid).save(png, format="PNG")
+    files.makedirs(files.dirname(path))
+    files.write_bytes(path, png.getvalue())  # local or remote (gs://)
     return path
