@@ -56,29 +56,35 @@ def _train(args, overrides) -> int:
     configuration.apply_overrides(config, overrides)
     workdir = args.workdir or os.path.join(
         "runs", os.path.splitext(os.path.basename(args.config.partition(":")[0]))[0])
-    from jaxssl import distributed  # before anything touches a JAX backend
+    _start_distributed(args)
+    from jaxssl import train  # imports jax: after the config is known to be good
+
+    result = train.train(config, workdir)
+    return 0 if result.status in ("done", "preempted", "stopped") else 1
+
+
+def _start_distributed(args) -> None:
+    """jax.distributed, when flags or a launcher (SLURM, a TPU pod) ask for it; before anything
+    touches a JAX backend."""
+    from jaxssl import configuration, distributed
 
     try:
         how = distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                      timeout_s=args.distributed_timeout)
     except ValueError as e:
         raise configuration.ConfigError(str(e)) from e
-    from jaxssl import train  # imports jax: after the config is known to be good
-
     if how:
         import jax
 
         print(f"process {jax.process_index()} of {jax.process_count()} ({how}): "
               f"{jax.local_device_count()} of {jax.device_count()} devices here",
               file=sys.stderr, flush=True)
-    result = train.train(config, workdir)
-    return 0 if result.status in ("done", "preempted", "stopped") else 1
 
 
 def _workdir_config(args, overrides):
     from jaxssl import configuration
 
-    config, ignored = configuration.load_workdir_config(os.path.abspath(args.workdir))
+    config, ignored = configuration.load_workdir_config(args.workdir)
     if ignored:
         print(f"note: {args.workdir}/config.json has fields this jaxssl does not know, ignored: "
               f"{', '.join(ignored)}", file=sys.stderr)
@@ -91,6 +97,7 @@ def _workdir_config(args, overrides):
 
 def _eval(args, overrides) -> int:
     config = _workdir_config(args, overrides)
+    _start_distributed(args)
     from jaxssl import evaluation
 
     evaluation.evaluate(args.kind, config, args.workdir, step=args.step)
@@ -105,6 +112,20 @@ def _export(args, overrides) -> int:
     return 0
 
 
+def _distributed_flags(parser: argparse.ArgumentParser) -> None:
+    m = parser.add_argument_group(
+        "multi-process", "jax.distributed starts by itself under SLURM (more than one task) and "
+        "on a multi-host Cloud TPU slice; elsewhere give all three flags to every process "
+        "(see launch/)")
+    m.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="address of process 0, the same for every process")
+    m.add_argument("--num_processes", type=int, default=None, help="how many processes in all")
+    m.add_argument("--process_id", type=int, default=None, help="this process, 0 .. N-1")
+    m.add_argument("--distributed_timeout", type=int, default=300, metavar="SECONDS",
+                   help="give up (with an error) when the processes do not all meet within "
+                        "this time (default 300)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxssl", description=(
         "Self-supervised contrastive pretraining (SimCLR, MoCo v2) in JAX."))
@@ -116,17 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None,
                    help="where checkpoints and logs go; the same workdir resumes "
                         "(default: runs/<config name>)")
-    m = p.add_argument_group(
-        "multi-process", "jax.distributed starts by itself under SLURM (more than one task) and "
-        "on a multi-host Cloud TPU slice; elsewhere give all three flags to every process "
-        "(see launch/)")
-    m.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="address of process 0, the same for every process")
-    m.add_argument("--num_processes", type=int, default=None, help="how many processes in all")
-    m.add_argument("--process_id", type=int, default=None, help="this process, 0 .. N-1")
-    m.add_argument("--distributed_timeout", type=int, default=300, metavar="SECONDS",
-                   help="give up (with an error) when the processes do not all meet within "
-                        "this time (default 300)")
+    _distributed_flags(p)
     p.set_defaults(run=_train)
     e = sub.add_parser("eval", help="evaluate a trained workdir: knn, linear or finetune",
                        epilog=_EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--workdir", required=True, help="the workdir of a training run")
     e.add_argument("--step", type=int, default=None,
                    help="the checkpoint to evaluate (default: the latest)")
+    _distributed_flags(e)
     e.set_defaults(run=_eval)
     x = sub.add_parser("export", help="write a trained backbone for PyTorch (safetensors, "
                                       "torchvision names) or Flax (msgpack)")

@@ -27,7 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxssl import experiment, models, optim, parallel, state as state_lib
+from jaxssl import experiment, files, models, optim, parallel, state as state_lib
 from jaxssl.configuration import ConfigError
 from jaxssl.data import pipeline
 from jaxssl.evaluate import finetune as finetune_lib, linear as linear_lib
@@ -143,17 +143,21 @@ def _finetune(exp, params, batch_stats, say) -> dict[str, Any]:
     model = finetune_lib.Classifier(backbone=exp.model.backbone, num_classes=exp.num_classes)
     init_params, _ = models.init_variables(model, jax.random.key(c.seed, impl="rbg"),
                                            (1, size, size, 3), jit=True)
-    start = {"backbone": params["backbone"], "classifier": init_params["classifier"]}
+    replicated = parallel.replicated(mesh)
+    start = {"backbone": params["backbone"],
+             "classifier": parallel.put_global(init_params["classifier"], replicated)}
     apply_fn = models.flax_apply_fn(model)
-    state = jax.device_put(
-        state_lib.create_train_state(start, {"backbone": batch_stats["backbone"]}, tx),
-        parallel.replicated(mesh))
+    # Built by a program over the restored (mesh-wide) arrays: it works when the mesh spans
+    # several processes, where device_put of a local value does not.
+    state = jax.jit(lambda p, bs: state_lib.create_train_state(p, {"backbone": bs}, tx),
+                    out_shardings=replicated)(start, batch_stats["backbone"])
     step_fn = parallel.compile_step(functools.partial(
         finetune_lib.finetune_step, apply_fn=apply_fn, tx=tx,
         augment_fn=finetune_lib.finetune_augment(size, train.mean, train.std,
                                                  e.finetune_crop_scale, exp.dtype),
         average_batch_stats=parallel.BN_MODES[c.model.bn].average_batch_stats), mesh)
-    key = jax.device_put(jax.random.fold_in(jax.random.key(c.seed), 3), parallel.replicated(mesh))
+    key = jax.jit(lambda: jax.random.fold_in(jax.random.key(c.seed), 3),
+                  out_shardings=replicated)()
     say(f"fine-tuning on {len(idx)} labelled images ({e.finetune_fraction:g} of "
         f"{train.num_examples}, class-balanced): {total} steps of batch {batch}")
     history = []
@@ -173,7 +177,7 @@ def _finetune(exp, params, batch_stats, say) -> dict[str, Any]:
                     f"top-1 {values['train/top1']:.4f}")
     logits = _extractor(exp, apply_fn, "logits")(state.params, state.batch_stats, test,
                                                   np.arange(test.num_examples))
-    scores = np.asarray(logits)
+    scores = parallel.to_host(logits)
     return {"top1": _topk(scores, test.labels, 1), "top5": _topk(scores, test.labels, 5),
             "train_history": history,
             "settings": {"fraction": e.finetune_fraction, "labelled_examples": int(len(idx)),
@@ -188,12 +192,10 @@ KINDS: dict[str, Callable] = {"knn": _knn, "linear": _linear, "finetune": _finet
 
 
 def _write_json(path: str, record: dict) -> None:
-    """Atomically: a crash leaves the previous file or the new one, never half of one."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2, default=lambda x: x.item() if hasattr(x, "item") else str(x))
-    os.replace(tmp, path)
+    """Atomically (a crash leaves the previous file or the new one), local or remote."""
+    files.makedirs(files.dirname(path))
+    files.write_text(path, json.dumps(
+        record, indent=2, default=lambda x: x.item() if hasattr(x, "item") else str(x)))
 
 
 def evaluate(kind: str, config: ml_collections.ConfigDict, workdir: str, *,
@@ -210,7 +212,7 @@ def evaluate(kind: str, config: ml_collections.ConfigDict, workdir: str, *,
     if kind not in KINDS:
         raise ConfigError(f"unknown evaluation {kind!r}; choose one of {', '.join(KINDS)}")
     mesh = mesh or parallel.make_mesh()
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+    workdir = files.resolve(workdir)
     exp = experiment.build(config, mesh, with_eval=True, training=False)
     if exp.num_classes is None or exp.eval_source is None or exp.eval_source.labels is None:
         raise ConfigError(f"eval {kind} needs labelled train and eval splits; "
@@ -227,10 +229,10 @@ def evaluate(kind: str, config: ml_collections.ConfigDict, workdir: str, *,
               "eval_dataset": exp.eval_source.name, **result,
               "seconds": round(time.perf_counter() - t0, 1),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    path = os.path.join(workdir, "eval", f"{kind}.json")
+    path = files.join(workdir, "eval", f"{kind}.json")
     if main:
         _write_json(path, record)  # the newest evaluation of this kind
-        _write_json(os.path.join(workdir, "eval", f"{kind}_step{step}.json"), record)
+        _write_json(files.join(workdir, "eval", f"{kind}_step{step}.json"), record)
         say(f"{kind} top-1 {record['top1']:.4f}, top-5 {record['top5']:.4f} "
             f"({record['seconds']:.0f} s); written to {path}")
     return record
@@ -246,9 +248,8 @@ def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, fmt:
     if fmt not in export_lib.FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of "
                           f"{', '.join(export_lib.FORMATS)}")
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    output = os.path.abspath(os.path.expanduser(output))
-    if not os.path.isdir(os.path.dirname(output)):
+    workdir, output = files.resolve(workdir), files.resolve(output)
+    if not files.is_remote(output) and not os.path.isdir(os.path.dirname(output)):
         raise ConfigError(f"the folder of --output {output} does not exist; create it first")
     mesh = parallel.make_mesh(jax.local_devices()[:1])
     model, _ = experiment.build_model(config)
@@ -258,10 +259,9 @@ def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, fmt:
     metadata = {"encoder": m.encoder, "width": str(m.width), "cifar_stem": str(m.cifar_stem),
                 "step": str(step), "image_size": str(config.data.out_size),
                 "method": config.method}
-    data_json = os.path.join(workdir, "data.json")
-    if os.path.isfile(data_json):  # the normalisation the backbone was trained with
-        with open(data_json) as f:
-            data = json.load(f)
+    data_json = files.join(workdir, "data.json")
+    if files.isfile(data_json):  # the normalisation the backbone was trained with
+        data = json.loads(files.read_text(data_json))
         metadata.update(dataset=str(data["name"]), mean=json.dumps(data["mean"]),
                         std=json.dumps(data["std"]))
     else:
@@ -271,8 +271,9 @@ def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, fmt:
         try:
             export_lib.export_backbone(output, jax.device_get(params), jax.device_get(batch_stats),
                                        format=fmt, metadata=metadata)
-        except OSError as e:
-            raise ConfigError(f"cannot write --output {output}: {e.strerror or e}") from e
+        except Exception as e:  # OSError locally; a remote store raises its own kinds
+            raise ConfigError(f"cannot write --output {output}: "
+                              f"{getattr(e, 'strerror', None) or e}") from e
         note = "" if m.width == 64 or fmt != "safetensors" else (
             f"; width {m.width} is not torchvision's 64: build a ResNet of that width to load it")
         print(f"exported the {m.encoder} backbone at step {step} of {workdir} to {output} "

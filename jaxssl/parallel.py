@@ -23,6 +23,7 @@ __all__ = [
     "check_global_batch",
     "host_to_global",
     "put_global",
+    "to_host",
     "compile_step",
 ]
 
@@ -113,6 +114,16 @@ def put_global(tree: Any, sharding: NamedSharding) -> Any:
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree.map(put, tree)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole of a global array as numpy on every process, also when the mesh spans several
+    processes (where np.asarray of a split array fails: other processes hold some rows)."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def compile_step(step_fn: Callable, mesh: Mesh, *, donate_state: bool = True) -> Callable:

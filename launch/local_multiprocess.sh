@@ -6,10 +6,11 @@ set -euo pipefail
 usage() {
   cat <<'USAGE'
 usage: launch/local_multiprocess.sh [-n PROCESSES] [-d DEVICES] [-p PORT] [-l LOGDIR] [--]
-                                   TRAIN_ARGS...
+                                   [train|eval] ARGS...
 
-Starts PROCESSES (default 2) copies of `python -m jaxssl train TRAIN_ARGS...` on this machine,
-each with DEVICES (default 4) fake CPU devices, coordinated at localhost:PORT (default 12355).
+Starts PROCESSES (default 2) copies of `python -m jaxssl train ARGS...` (or `eval ARGS...`) on
+this machine, each with DEVICES (default 4) fake CPU devices, coordinated at localhost:PORT
+(default 12355).
 Process 0 prints progress and writes the logs; what the others print goes to
 LOGDIR/jaxssl_process_<i>.log (LOGDIR default /tmp). Ctrl-C or SIGTERM is passed to every process: all of them save
 the same step and exit; running the same command again resumes.
@@ -17,6 +18,7 @@ the same step and exit; running the same command again resumes.
 example:
   launch/local_multiprocess.sh -n 2 -d 4 -- --config configs/demo.py --workdir runs/mp \
       --config.num_steps=50
+  launch/local_multiprocess.sh -n 2 -d 4 -- eval linear --workdir runs/mp
 USAGE
 }
 
@@ -33,6 +35,8 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 if [[ $# -eq 0 ]]; then usage >&2; exit 2; fi
+command=train
+if [[ "$1" == train || "$1" == eval ]]; then command="$1"; shift; fi
 python="${PYTHON:-python3}"
 
 pids=()
@@ -40,7 +44,7 @@ forward() { kill -TERM "${pids[@]}" 2>/dev/null || true; }
 trap forward INT TERM
 for ((i = 0; i < processes; i++)); do
   env JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${devices}" \
-    "$python" -m jaxssl train --coordinator "localhost:${port}" --num_processes "$processes" \
+    "$python" -m jaxssl "$command" --coordinator "localhost:${port}" --num_processes "$processes" \
     --process_id "$i" "$@" \
     > >(if [[ $i -eq 0 ]]; then cat; else cat > "${logdir}/jaxssl_process_${i}.log"; fi) 2>&1 &
   pids+=($!)

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxssl import checkpoint, train
+from jaxssl import checkpoint, evaluation, train
 from test_train import TINY, records_without_timing, tiny_config
 
 
@@ -97,6 +97,30 @@ def test_two_processes_of_4_devices_equal_one_process_of_8(tmp_path):
     for a, b in zip(jax.tree.leaves(multi), jax.tree.leaves((template.batch_stats,
                                                            template.params))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-5)
+
+    # Evaluation across the same two processes equals this process's on 8 devices: the linear
+    # probe (labels and classifier placed by every process) and fine-tuning (a state built from
+    # the restored arrays, logits gathered from both processes).
+    for kind, extra in (("linear", ["--config.eval.linear_epochs=3"]),
+                        ("finetune", ["--config.eval.finetune_epochs=1",
+                                      "--config.eval.finetune_fraction=0.04"])):
+        run = subprocess.run(
+            ["bash", script, "-n", "2", "-d", "4", "-p", str(_free_port()), "-l", str(tmp_path),
+             "--", "eval", kind, "--workdir", str(tmp_path / "multi"), *extra],
+            env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True,
+            timeout=600)
+        assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-2000:])
+        with open(tmp_path / "multi" / "eval" / f"{kind}.json") as f:
+            got = json.load(f)
+        config = tiny_config(*(arg[len("--config."):].split("=") for arg in extra))
+        want = evaluation.evaluate(kind, config, str(tmp_path / "multi"))
+        assert got["step"] == want["step"] == 12
+        for key in ("top1", "top5"):
+            assert got[key] == pytest.approx(want[key], abs=2e-3), (kind, key)  # 2 of 1000
+        np.testing.assert_allclose([h["loss"] if "loss" in h else h["train/loss"]
+                                    for h in got["train_history"]],
+                                   [h["loss"] if "loss" in h else h["train/loss"]
+                                    for h in want["train_history"]], rtol=1e-4)
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step_and_rerun_resumes(tmp_path):

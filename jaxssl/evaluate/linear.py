@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxssl.evaluate.topk import label_rank
 from jaxssl.optim import make_optimizer, warmup_cosine_schedule
-from jaxssl.parallel import DATA_AXIS
+from jaxssl.parallel import DATA_AXIS, put_global
 
 __all__ = ["LinearClassifier", "train_linear_classifier", "evaluate_linear_classifier",
            "predict_logits"]
@@ -87,6 +87,10 @@ def _rows_on_devices(x, rows: int, sharding, dtype):
     if (isinstance(x, jax.Array) and x.shape[0] == rows and x.dtype == dtype
             and x.sharding.is_equivalent_to(sharding, x.ndim)):
         return x  # already in place: no second copy of a large feature matrix
+    if not isinstance(x, jax.Array):  # host values (labels): the same on every process
+        x = np.asarray(x).astype(dtype)
+        return put_global(np.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1)),
+                          sharding)
     pad = lambda a: jnp.pad(a.astype(dtype), [(0, rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
     return jax.jit(pad, out_shardings=sharding)(x)
 
@@ -215,7 +219,7 @@ def train_linear_classifier(
     if not bool(finite):
         raise ValueError("the features contain NaN or infinite values")
     if not standardize:
-        mean, std = jax.device_put((np.zeros(dim, np.float32), np.ones(dim, np.float32)), replicated)
+        mean, std = put_global((np.zeros(dim, np.float32), np.ones(dim, np.float32)), replicated)
 
     schedule = warmup_cosine_schedule(learning_rate, 0, epochs * steps)
     if optimizer == "lars":
@@ -228,9 +232,11 @@ def train_linear_classifier(
     else:
         tx = make_optimizer("sgd", schedule, weight_decay=0.0, momentum=momentum,
                             nesterov=nesterov)
-    params = {"kernel": jnp.zeros((dim, num_classes), jnp.float32),
-              "bias": jnp.zeros((num_classes,), jnp.float32)}
-    params, root_key = jax.device_put((params, jax.random.key(seed)), replicated)
+    # Made by a program without inputs: its outputs may live on devices of other processes.
+    params, root_key = jax.jit(lambda: (
+        {"kernel": jnp.zeros((dim, num_classes), jnp.float32),
+         "bias": jnp.zeros((num_classes,), jnp.float32)}, jax.random.key(seed)),
+        out_shardings=replicated)()
     opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
     epoch_fn = _sharded(
         functools.partial(_epoch, tx=tx, n=n, batch=batch, steps=steps), mesh,
@@ -292,7 +298,7 @@ def evaluate_linear_classifier(
     split, replicated = _placement(mesh)
     x = _rows_on_devices(features, rows, split, jnp.float32)
     y = _rows_on_devices(labels, rows, split, jnp.int32)
-    classifier = jax.device_put(LinearClassifier(*classifier), replicated)
+    classifier = put_global(LinearClassifier(*classifier), replicated)
     fn = _sharded(functools.partial(_eval_sums, n=m, chunk=chunk, ks=ks), mesh,
                   in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)), out_specs=P())
     sums = np.asarray(fn(classifier, x, y), np.float64) / m
