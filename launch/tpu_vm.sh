@@ -29,13 +29,13 @@ options (or the environment variables in capitals):
   --spot, --queued     for create
   --dry-run            print the gcloud commands instead of running them
 
-The workdir must be one every worker reaches with the same path (a gs:// bucket for
-checkpoints, see the README's "Scaling out"), and the data must be readable on every worker.
+The workdir must be one every worker reaches with the same path (best a gs:// bucket, see the
+README's "Scaling out"), and the data must be readable on every worker.
 
 example:
   launch/tpu_vm.sh create --type v4-32 --spot
   launch/tpu_vm.sh install
-  launch/tpu_vm.sh run -- --config configs/simclr_imagenet.py --workdir /mnt/runs/simclr \
+  launch/tpu_vm.sh run -- --config configs/simclr_imagenet.py --workdir gs://BUCKET/simclr \
       --config.data.path=/mnt/imagenet/train --config.data.eval_path=/mnt/imagenet/val
   launch/tpu_vm.sh delete
 USAGE
