@@ -88,8 +88,10 @@ class TensorBoardWriter:
     def __new__(cls, logdir: str):
         # Without tensorboard (its protobufs are what this writer writes) the trainer still
         # runs: the writer is a _NoTensorBoard, and __init__ below is not called.
+        import importlib
+
         try:
-            import tensorboard.compat.proto.event_pb2  # noqa: F401
+            importlib.import_module("tensorboard.compat.proto.event_pb2")
         except ImportError:
             return _NoTensorBoard()
         return super().__new__(cls)
