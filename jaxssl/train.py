@@ -30,7 +30,7 @@ from jaxssl.data import pipeline, preview
 from jaxssl.evaluate.features import FeatureExtractor
 from jaxssl.evaluate.knn import knn_top1
 from jaxssl.preemption import StopRequest
-from jaxssl.writers import MetricsLog, ProgressBar, TensorBoardWriter, format_duration, plot_curves
+from jaxssl.writers import MetricsLog, ProgressBar, format_duration, open_tensorboard, plot_curves
 
 __all__ = ["train", "RunResult", "TrainingDiverged"]
 
@@ -169,7 +169,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     log = MetricsLog(files.join(workdir, "metrics.jsonl"))
     if main:
         log.truncate_after(start)
-    tb = TensorBoardWriter(files.join(workdir, "tensorboard")) if main else None
+    tb = open_tensorboard(files.join(workdir, "tensorboard")) if main else None
+    if main and tb is None:
+        say("note: no TensorBoard events: the tensorboard package is not installed "
+            "(metrics.jsonl holds every logged value)")
     if tb and start:
         tb.restart(start + 1)
 
@@ -214,7 +217,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
             if main:
                 record = {"step": 0, "epoch": 0.0, "eval/knn_top1": init_top1}
                 log.write(record)
-                tb.scalars(0, {"eval/knn_top1": init_top1})
+                if tb:
+                    tb.scalars(0, {"eval/knn_top1": init_top1})
 
     end = total_steps if stop_at_step is None else min(total_steps, stop_at_step)
     status, last_good, last_knn = "done", (start or None), None
@@ -265,7 +269,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
                         last_knn = record["eval/knn_top1"] = evaluate_knn(state)
                     if main:
                         log.write(record)
-                        tb.scalars(n, {k: v for k, v in record.items() if k not in ("step",)})
+                        if tb:
+                            tb.scalars(n, {k: v for k, v in record.items() if k != "step"})
                         if eval_now or not bar.live:
                             say(_log_line(record, total_steps, config.batch_size))
                 if save_now:

@@ -6,6 +6,7 @@ protobufs (the TFRecord framing is 16 bytes around each record).
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import math
@@ -18,7 +19,8 @@ from typing import Any, TextIO
 
 from jaxssl import files
 
-__all__ = ["MetricsLog", "TensorBoardWriter", "ProgressBar", "plot_curves", "format_duration"]
+__all__ = ["MetricsLog", "TensorBoardWriter", "open_tensorboard", "ProgressBar", "plot_curves",
+           "format_duration"]
 
 
 class MetricsLog:
@@ -61,40 +63,8 @@ def _masked_crc32c(data: bytes) -> int:
     return masked_crc32c(data)
 
 
-class _NoTensorBoard:
-    """Stands in for TensorBoardWriter where the tensorboard package is absent (a GPU host
-    with no TensorFlow stack): says so once and writes nothing; metrics.jsonl has every value."""
-
-    def __init__(self):
-        print("note: TensorBoard events are not written: the tensorboard package is not "
-              "installed (metrics.jsonl holds every logged value)", file=sys.stderr, flush=True)
-
-    def restart(self, step: int) -> None:
-        pass
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 class TensorBoardWriter:
     """Scalar summaries in a TensorBoard event file under `logdir`."""
-
-    def __new__(cls, logdir: str):
-        # Without tensorboard (its protobufs are what this writer writes) the trainer still
-        # runs: the writer is a _NoTensorBoard, and __init__ below is not called.
-        import importlib
-
-        try:
-            importlib.import_module("tensorboard.compat.proto.event_pb2")
-        except ImportError:
-            return _NoTensorBoard()
-        return super().__new__(cls)
 
     def __init__(self, logdir: str):
         from tensorboard.compat.proto import event_pb2, summary_pb2
@@ -137,6 +107,14 @@ class TensorBoardWriter:
     def close(self) -> None:
         self.flush()
         self._file.close()
+
+
+def open_tensorboard(logdir: str) -> TensorBoardWriter | None:
+    """A TensorBoardWriter, or None where the tensorboard package (whose protobufs the events
+    are) is not installed, as on a GPU host without the TensorFlow stack."""
+    if importlib.util.find_spec("tensorboard") is None:
+        return None
+    return TensorBoardWriter(logdir)
 
 
 def format_duration(seconds: float) -> str:

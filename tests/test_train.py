@@ -4,7 +4,6 @@ A tiny ResNet on 16 px views of the built-in data keeps each run to seconds. Run
 killed run in a subprocess (`python -m jaxssl train`); the others in this process.
 """
 
-import functools
 import json
 import os
 import random
