@@ -1,7 +1,7 @@
 """The command line, also `python -m jaxssl ...`:
 
     jaxssl train --config configs/demo.py --workdir runs/demo [--config.field=value ...]
-    jaxssl eval knn|linear|finetune --workdir runs/demo [--step N] [--config.field=value ...]
+    jaxssl eval knn|linear|finetune [...] --workdir runs/demo [--step N] [--config.field=value ...]
     jaxssl export --workdir runs/demo --format safetensors|msgpack --output FILE [--step N]
 
 A user mistake (a misspelt field, a batch the devices cannot split, a workdir of another model,
@@ -28,7 +28,8 @@ _EVAL_EPILOG = """\
 the config is the run's own (WORKDIR/config.json); override any field as --config.FIELD=VALUE,
   e.g. --config.eval.linear_epochs=90 --config.eval.linear_augment_copies=10
   --config.eval.finetune_fraction=0.01 --config.eval.batch_size=256
-results: printed, and written to WORKDIR/eval/KIND.json (and KIND_stepN.json).
+results: printed, and written to WORKDIR/eval/KIND.json (and KIND_stepN.json); several kinds
+  (jaxssl eval knn linear --workdir ...) run one after the other in one start-up.
 """
 
 
@@ -100,7 +101,9 @@ def _eval(args, overrides) -> int:
     _start_distributed(args)
     from jaxssl import evaluation
 
-    evaluation.evaluate(args.kind, config, args.workdir, step=args.step)
+    # Several kinds in one command share the start-up (and on a pod the distributed start).
+    for kind in dict.fromkeys(args.kinds):
+        evaluation.evaluate(kind, config, args.workdir, step=args.step)
     return 0
 
 
@@ -141,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=_train)
     e = sub.add_parser("eval", help="evaluate a trained workdir: knn, linear or finetune",
                        epilog=_EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    e.add_argument("kind", choices=["knn", "linear", "finetune"],
-                   help="knn: the trainer's kNN monitor; linear: a linear classifier on frozen "
-                        "features; finetune: the whole network on a fraction of the labels")
+    e.add_argument("kinds", nargs="+", choices=["knn", "linear", "finetune"], metavar="KIND",
+                   help="one or more of knn (the trainer's kNN monitor), linear (a linear "
+                        "classifier on frozen features) and finetune (the whole network on a "
+                        "fraction of the labels)")
     e.add_argument("--workdir", required=True, help="the workdir of a training run")
     e.add_argument("--step", type=int, default=None,
                    help="the checkpoint to evaluate (default: the latest)")
