@@ -21,45 +21,22 @@ Expected: pending (not measured). Published anchors, hours on one GPU: SimCLR ab
 top-1 after 200 epochs, 89% after 800.
 """
 
-from jaxssl.configuration import default_config
+import os
+
+from jaxssl.configuration import base_config
 
 
 def get_config(epochs: str = "160"):
-    config = default_config()
-    config.seed = 0
-    config.batch_size = 512
-    config.num_epochs = int(epochs)
+    # configs/simclr_cifar10.py's recipe; what follows is all that differs.
+    config = base_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "simclr_cifar10.py"),
+                         epochs)
     config.log_every_steps = 97  # once an epoch (97 steps an epoch)
     config.eval_every_steps = 97 * 20  # the kNN curve: every 20 epochs, and at the end
     config.checkpoint_every_steps = 97 * 40
     config.checkpoint.keep = 2
-
-    config.data.source = "cifar10_npz"
+    config.data.source = "cifar10_npz"  # decoded by Pillow: no TensorFlow on the GPU path
     config.data.path = "../shared/data/cifar10/cifar10_jpeg.npz"
-    config.data.train_split = "train"
-    config.data.eval_split = "test"
-    config.data.recipe = "simclr_cifar"
     config.data.augment = "device"
-    config.data.out_size = 32
-
-    config.model.encoder = "resnet18"
-    config.model.cifar_stem = True
-    config.model.width = 64
-    config.model.head_hidden_dims = (2048,)
-    config.model.out_dim = 128
-    config.model.output_bn = True
     config.model.dtype = "bfloat16"
-    config.model.bn = "global"
-
-    config.optim.name = "lars"
-    config.optim.base_lr = 0.4
-    config.optim.lr_scaling = "linear"
-    config.optim.warmup_epochs = 10.0
-    config.optim.weight_decay = 1e-5
-    config.optim.momentum = 0.9
-
-    config.loss.temperature = 0.2
-    config.eval.knn_k = 200
-    config.eval.knn_temperature = 0.1
     config.eval.batch_size = 1024  # features for the kNN monitor: 59 batches for 60,000 images
     return config

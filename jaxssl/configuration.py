@@ -185,6 +185,12 @@ def resolve_config_path(name: str) -> str:
     raise ConfigError(f"config file {name!r} not found{hint}")
 
 
+def base_config(name: str, *args) -> ml_collections.ConfigDict:
+    """get_config(*args) of another config file (a path, or a name from configs/), unlocked:
+    the base that a variant config edits, so the variant states only what it changes."""
+    return _load_module(resolve_config_path(name)).get_config(*args)
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """Load "path/to/config.py[:arg]" (or a bare name from configs/) and lock it."""
     name, _, arg = spec.partition(":")
