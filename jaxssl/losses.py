@@ -42,11 +42,12 @@ def _check(z1: jax.Array, z2: jax.Array, temperature: float) -> None:
         raise ValueError(f"temperature must be > 0 (SimCLR uses 0.1-0.5); got {temperature}")
 
 
-def _logits_and_labels(z1, z2, temperature, axis_name):
-    """The local rows of the [2N, 2N] similarity matrix and the column of each row's positive.
+def _views_and_keys(z1, z2, axis_name):
+    """Normalised local views and the keys every local row is contrasted with.
 
-    z1, z2: [b, D] (b = local batch). Returns logits [2b, 2N] float32 with the self-similarity
-    set to -inf, and labels [2b] int32, where N = b * (number of devices on axis_name).
+    z1, z2: [b, D] (b = local batch). Returns q1, q2 [b, D] float32; keys [2N, D] float32 (all
+    first views, then all second views, N = b * devices on axis_name); self_cols and labels
+    [2b] int32: for each local row [our z1 ; our z2], its own column and its positive's.
     """
     b = z1.shape[0]
     q1 = l2_normalize(z1)
@@ -63,17 +64,26 @@ def _logits_and_labels(z1, z2, temperature, axis_name):
         k2 = jax.lax.all_gather(q2, axis_name, tiled=True)
         offset = jax.lax.axis_index(axis_name) * b
     n = k1.shape[0]
-    # Columns: [all first views (N) ; all second views (N)]. Local rows: [our z1 (b) ; our z2 (b)].
     keys = jnp.concatenate([k1, k2], axis=0)  # [2N, D]
-    queries = jnp.concatenate([q1, q2], axis=0)  # [2b, D]
-    logits = jnp.dot(queries, keys.T, precision=jax.lax.Precision.HIGHEST) / temperature
     local = jnp.arange(b, dtype=jnp.int32) + offset  # global image index of each local row
     # Row i of z1 is image offset+i: its own column is offset+i (in the first-view block) and
     # its positive, the second view of the same image, is N+offset+i. Rows of z2 the reverse.
     # The offset is axis_index * b because tiled all_gather orders the rows by device.
     self_cols = jnp.concatenate([local, local + n])
     labels = jnp.concatenate([local + n, local])
-    cols = jnp.arange(2 * n, dtype=jnp.int32)
+    return q1, q2, keys, self_cols, labels
+
+
+def _logits_and_labels(z1, z2, temperature, axis_name):
+    """The local rows of the [2N, 2N] similarity matrix and the column of each row's positive.
+
+    z1, z2: [b, D] (b = local batch). Returns logits [2b, 2N] float32 with the self-similarity
+    set to -inf, and labels [2b] int32, where N = b * (number of devices on axis_name).
+    """
+    q1, q2, keys, self_cols, labels = _views_and_keys(z1, z2, axis_name)
+    queries = jnp.concatenate([q1, q2], axis=0)  # [2b, D]
+    logits = jnp.dot(queries, keys.T, precision=jax.lax.Precision.HIGHEST) / temperature
+    cols = jnp.arange(keys.shape[0], dtype=jnp.int32)
     logits = jnp.where(cols[None, :] == self_cols[:, None], -jnp.inf, logits)
     return logits, labels
 
@@ -308,26 +318,11 @@ def info_nce_blockwise_with_accuracy(
         raise ValueError(f"block_size must be an int >= 1 (e.g. {DEFAULT_BLOCK_SIZE}); got "
                          f"{block_size!r}")
     b = z1.shape[0]
-    q1 = l2_normalize(z1)
-    q2 = l2_normalize(z2)
-    if axis_name is None:
-        k1, k2, offset = q1, q2, 0
-    else:
-        # As in _logits_and_labels: device d's rows sit at [d*b, (d+1)*b) of the gathered keys,
-        # and the keys' gradient returns through all_gather (a reduce-scatter), outside the
-        # custom_vjp, which sees only local arrays.
-        k1 = jax.lax.all_gather(q1, axis_name, tiled=True)
-        k2 = jax.lax.all_gather(q2, axis_name, tiled=True)
-        offset = jax.lax.axis_index(axis_name) * b
-    n = k1.shape[0]
-    keys = jnp.concatenate([k1, k2], axis=0)  # [2N, D]
+    # The keys' gradient returns through all_gather (a reduce-scatter), outside the custom_vjp,
+    # which sees only local arrays.
+    q1, q2, keys, self_cols, labels = _views_and_keys(z1, z2, axis_name)
     # 1/T goes into the queries, so a traced temperature gets its gradient by autodiff.
     queries = jnp.concatenate([q1, q2], axis=0) / temperature  # [2b, D]
-    # Row i of z1 is image offset+i (offset = axis_index * b, the tiled gather's order): its own
-    # column is offset+i and its positive N+offset+i; rows of z2 the reverse.
-    local = jnp.arange(b, dtype=jnp.int32) + offset
-    self_cols = jnp.concatenate([local, local + n])
-    labels = jnp.concatenate([local + n, local])
     lse, first_max = _lse_and_first_max(queries, keys, self_cols, block_size)
     # The positive of a local view is the other view of the same image, also local: its logit
     # is a row-wise dot here, and its gradient (the -1 of softmax - onehot) comes by autodiff.
