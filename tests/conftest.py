@@ -9,13 +9,6 @@ import os
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
-# Tests run tiny models whose time goes to compiling, not running: LLVM's optimisation passes
-# off cut the compile-bound tests by about a fifth (test_moco_step + test_probe: 171 s -> 134 s
-# on 2 cores) and keep the suite within CI's budget. What the tests compare (numpy references,
-# 8 devices against one, bitwise resume of the same program) holds at any level; set
-# --xla_backend_optimization_level yourself in XLA_FLAGS to test at another.
-if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Compiled programs are cached on disk for the session (and for the trainer subprocesses the
