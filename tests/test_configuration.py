@@ -40,7 +40,7 @@ def test_literature_settings_of_the_big_configs():
     assert (imagenet.model.encoder, imagenet.batch_size, imagenet.model.bn) == ("resnet50", 4096, "global")
     assert (imagenet.optim.name, imagenet.optim.base_lr, imagenet.optim.lr_scaling) == ("lars", 0.3, "linear")
     assert (imagenet.optim.warmup_epochs, imagenet.loss.temperature) == (10.0, 0.1)
-    assert configuration.load_config("configs/simclr_imagenet.py:1000").num_epochs == 1000
+    assert configuration.load_config("simclr_imagenet:1000").num_epochs == 1000
 
 
 def test_bare_name_and_path_load_the_same_file():
