@@ -271,6 +271,8 @@ def export(config: ml_collections.ConfigDict, workdir: str, output: str, *, fmt:
         try:
             export_lib.export_backbone(output, jax.device_get(params), jax.device_get(batch_stats),
                                        format=fmt, metadata=metadata)
+        except (TypeError, ValueError):
+            raise  # jaxssl's own mistake, not the output's
         except Exception as e:  # OSError locally; a remote store raises its own kinds
             raise ConfigError(f"cannot write --output {output}: "
                               f"{getattr(e, 'strerror', None) or e}") from e
