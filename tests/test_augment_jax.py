@@ -54,6 +54,19 @@ def test_blur(sigma, k):
     np.testing.assert_allclose(A.gaussian_blur(IMG32, sigma, k), ref.blur(IMG, sigma, k), atol=ATOL)
 
 
+def test_blur_large_kernel_non_square_and_per_example_sigma():
+    """The 224 px recipe's kernel (23) on a small non-square image, where the reflect padding
+    folds back across most of each side, and under vmap with one sigma per example (as
+    make_device_augment runs it), against float64 numpy."""
+    rng = np.random.default_rng(7)
+    imgs = rng.random((3, 24, 13, 3))
+    sigmas = np.array([0.1, 1.05, 2.0])
+    out = jax.jit(jax.vmap(lambda x, s: A.gaussian_blur(x, s, 23)))(
+        imgs.astype(np.float32), sigmas.astype(np.float32))
+    for i in range(3):
+        np.testing.assert_allclose(out[i], ref.blur(imgs[i], sigmas[i], 23), atol=ATOL)
+
+
 def test_solarize_and_flip():
     np.testing.assert_allclose(A.solarize(IMG32), ref.solarize(IMG), atol=ATOL)
     np.testing.assert_array_equal(A.flip(IMG32), ref.flip(IMG32))
