@@ -28,8 +28,10 @@ def load(path: str) -> list[dict]:
 
 # Coarse kinds of device work, by substrings of the kernel or op name (first match wins).
 CATEGORIES = (
-    ("convolution", ("conv", "xmma", "cudnn", "implicit", "wgrad", "dgrad", "fprop", "sm90_")),
-    ("matmul", ("gemm", "cublas", "dot", "matmul", "cutlass")),
+    # cuDNN convolutions and cuBLAS matmuls (XLA:GPU runs 1x1 convolutions as matmuls, `nvjet`).
+    ("convolution/matmul", ("conv", "xmma", "cudnn", "implicit", "wgrad", "dgrad", "fprop",
+                            "sm90_", "sm80_", "gemm", "cublas", "nvjet", "dot", "matmul",
+                            "cutlass")),
     ("transpose/copy", ("transpose", "copy", "memcpy", "memset", "concatenate", "slice")),
     ("reduction", ("reduce", "reduction", "all-reduce", "allreduce")),
     ("collective", ("nccl", "all-gather", "collective")),

@@ -39,5 +39,5 @@ def test_summary_of_a_device_track(tmp_path):
     assert r["busy_us"] == 15 + 10 + 5 and r["span_us"] == 45 and r["sum_us"] == 35
     top = {t["name"]: (t["count"], t["us"]) for t in r["top"]}
     assert top["sm90_xmma_fprop_implicit_gemm"] == (2, 20.0)
-    assert r["categories"] == {"convolution": round(20 / 35, 4), "reduction": round(10 / 35, 4),
+    assert r["categories"] == {"convolution/matmul": round(20 / 35, 4), "reduction": round(10 / 35, 4),
                                "other (fusions)": round(5 / 35, 4)}
