@@ -53,6 +53,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.eval_path = ""  # folder: a labelled folder of kNN queries ("" = no kNN)
     c.data.data_dir = ""  # tfds: the prepared data directory ("" = TFDS's default)
     c.data.image_size = 0  # tfds/folder: resize to this square size when loading (0 = as stored)
+    # folder: an image of more pixels (width x height, from its header) is a bad file, never
+    # decoded, so a small file claiming a huge size cannot exhaust memory (0 = 8192 x 8192)
+    c.data.max_pixels = 0
     c.data.train_split = "train"
     c.data.eval_split = "test"  # the kNN queries; the bank is train_split without augmentation
     c.data.augment = "device"  # "device" (JAX, on the accelerator), "host" (tf.data) or "split"

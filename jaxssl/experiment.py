@@ -36,9 +36,10 @@ _LOADERS = {
     "cifar10_npz": lambda d, split, train: sources.load_cifar10_npz(d.path, split),
     "tfds": lambda d, split, train: sources.load_tfds(
         d.name, split, data_dir=d.data_dir or None, image_size=d.image_size or None),
-    "folder": lambda d, split, train: (sources.load_folder(d.path) if train else
-                                       sources.load_folder(d.eval_path, labelled=True)
-                                       if d.eval_path else None),
+    "folder": lambda d, split, train: (
+        sources.load_folder(d.path, max_pixels=d.max_pixels or None) if train else
+        sources.load_folder(d.eval_path, labelled=True, max_pixels=d.max_pixels or None)
+        if d.eval_path else None),
 }
 
 

@@ -3,13 +3,20 @@
 Every decoder here returns uint8 [H, W, 3] RGB, whatever the file holds: grayscale, RGBA and
 palette images, CMYK JPEGs and 16-bit PNGs included. Pillow releases the GIL while it decodes,
 so `parallel_map` spreads decoding over a pool of threads.
+
+Image folders come from anywhere, so a file is read only as the format its extension names (a
+PostScript file called `a.png` never reaches Ghostscript), its size is checked from its header
+against `MAX_PIXELS` before any pixel is decoded, and at most `DECODE_THREADS` decodes run at
+once by default, so the memory a hostile file can take is bounded whatever the core count.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +29,25 @@ if TYPE_CHECKING:
     from jaxssl.data.sources import Source
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+# The Pillow formats each extension may hold; Image.open tries no other, so a file named .png
+# that holds EPS (Ghostscript), or any other of Pillow's ~40 formats, is a bad file rather than
+# decoded. The JPEG opener also returns the MPO (multi-picture) JPEGs cameras write: MPO has no
+# opener of its own. Extensions not listed here (passed to load_folder) take the one format
+# Pillow registers for them.
+IMAGE_FORMATS = {".jpg": ("JPEG",), ".jpeg": ("JPEG",), ".png": ("PNG",),
+                 ".bmp": ("BMP",), ".gif": ("GIF",), ".webp": ("WEBP",)}
+# Images larger than this (width x height, read from the header) are bad files, never decoded.
+# 8192 x 8192: ImageNet's largest images are well below 20 MP and a 50 MP camera photo fits,
+# while a decode stays under about 200 MB of RGB (x DECODE_THREADS at once). A 164 KB PNG can
+# be 13000 x 13000 (507 MB decoded), which Pillow alone decodes with a warning: it refuses only
+# above 2 x PIL.Image.MAX_IMAGE_PIXELS (179 MP), and that limit is global, so it is left alone.
+MAX_PIXELS = 8192 * 8192
+# Decoding threads by default, whatever the core count: each may hold a MAX_PIXELS image and its
+# conversions, so peak memory must not grow with a 64-core machine's cpu_count.
+DECODE_THREADS = 8
+# Tasks submitted per thread ahead of the consumer: enough to keep every thread busy while the
+# oldest result is awaited, few enough that finished results waiting their turn stay bounded.
+_AHEAD_PER_THREAD = 2
 # Images whose mean/std are measured; decoding all of a large folder twice would double load time.
 STATS_SAMPLE = 500
 # Pixels per image that enter the mean/std; a photo is strided down to about this many.
@@ -35,17 +61,19 @@ def parallel_map(fn: Callable[[_T], _R], items: Iterable[_T], *,
                  num_threads: int | None = None) -> Iterator[_R]:
     """Yields `fn(item)` for every item, in order, computed on a pool of threads.
 
-    At most a few tasks per thread are in flight, so a caller that stops early (a strict load
-    meeting a bad file) does not wait for the rest, and a million files do not make a million
-    futures at once.
+    `num_threads` threads (default: cpu_count + 4, at most DECODE_THREADS) run `fn`, and at most
+    2 tasks per thread are submitted and not yet yielded, so a caller that stops early (a strict
+    load meeting a bad file) does not wait for the rest, a million files do not make a million
+    futures at once, and memory stays bounded on any number of cores.
     """
-    workers = num_threads or min(32, (os.cpu_count() or 1) + 4)
+    workers = num_threads or min(DECODE_THREADS, (os.cpu_count() or 1) + 4)
     items = iter(items)
     if workers == 1:
         yield from map(fn, items)
         return
     with ThreadPoolExecutor(workers, thread_name_prefix="jaxssl-decode") as pool:
-        in_flight = collections.deque(pool.submit(fn, x) for x in itertools.islice(items, 4 * workers))
+        in_flight = collections.deque(
+            pool.submit(fn, x) for x in itertools.islice(items, _AHEAD_PER_THREAD * workers))
         while in_flight:
             result = in_flight.popleft().result()
             for x in itertools.islice(items, 1):  # top the window up by one, if any are left
@@ -101,21 +129,85 @@ def pil_to_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
-def decode_rgb(path: str | os.PathLike) -> np.ndarray:
+class BadImageError(ValueError):
+    """A file that is not the image format its extension names, or too large to decode.
+
+    `reason` says why in one line, without the path; str() is "path: reason"."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(f"{os.fspath(path)}: {reason}")
+        self.reason = reason
+
+
+def image_formats(extension: str) -> tuple[str, ...]:
+    """The Pillow formats a file ending in `extension` (".png", any case) may be read as.
+    ValueError when Pillow knows no format by that extension."""
+    ext = extension.lower()
+    if ext in IMAGE_FORMATS:
+        return IMAGE_FORMATS[ext]
+    registered = Image.registered_extensions()
+    if ext not in registered:
+        raise ValueError(f"Pillow knows no image format by the extension {extension!r}; pass "
+                         f"extensions Pillow reads, e.g. {', '.join(IMAGE_EXTENSIONS)}")
+    return (registered[ext],)
+
+
+def _too_large(pixels: int, max_pixels: int, size: str = "") -> str:
+    return (f"{size}{pixels:,} pixels, over the limit of {max_pixels:,} checked before decoding "
+            f"(a decompression bomb?); to read it raise max_pixels (config: data.max_pixels)")
+
+
+def _pillow_refused(e: Exception, max_pixels: int) -> str:
+    """The reason for Pillow's own DecompressionBombError/Warning, raised by Image.open before
+    our header check could run (over 2x, or under -W error 1x, PIL.Image.MAX_IMAGE_PIXELS)."""
+    claimed = re.search(r"Image size \((\d+) pixels\)", str(e))
+    if claimed is None:
+        return f"over Pillow's pixel limit ({_one_line(e)})"
+    pixels = int(claimed.group(1))
+    if pixels > max_pixels:
+        return _too_large(pixels, max_pixels)
+    return (f"{pixels:,} pixels, within max_pixels but over Pillow's own limit (PIL.Image."
+            f"MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS:,}); to read it raise that as well")
+
+
+def decode_rgb(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.ndarray:
     """Reads an image file as uint8 [H, W, 3] RGB (the first frame of an animation), turned
-    upright by its EXIF orientation. Raises whatever Pillow raises for a bad file."""
-    with Image.open(path) as im:
-        im.load()  # the full decode: a truncated file fails here, not on first use
-        if im.getexif().get(0x0112, 1) != 1:  # 0x0112: EXIF orientation tag
-            im = ImageOps.exif_transpose(im)
-        return pil_to_rgb(im)
+    upright by its EXIF orientation.
+
+    Only the Pillow formats of the file's extension are tried (`image_formats`), and an image
+    of more than `max_pixels` (default MAX_PIXELS) is refused from its header, before decoding:
+    both raise BadImageError. Otherwise raises whatever Pillow raises for a bad file.
+    """
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    ext = os.path.splitext(os.fspath(path))[1]
+    formats = image_formats(ext)
+    try:
+        with Image.open(path, formats=formats) as im:
+            width, height = im.size
+            if width * height > limit:  # before load(): a bomb's pixels are never allocated
+                raise BadImageError(path, _too_large(width * height, limit,
+                                                     f"{width} x {height} = "))
+            im.load()  # the full decode: a truncated file fails here, not on first use
+            if im.getexif().get(0x0112, 1) != 1:  # 0x0112: EXIF orientation tag
+                im = ImageOps.exif_transpose(im)
+            return pil_to_rgb(im)
+    except Image.UnidentifiedImageError:
+        # Pillow's message only repeats the path; it says nothing about what the file is, and
+        # trying every other format to find out is exactly what this avoids.
+        raise BadImageError(path, f"not a {formats[0]} file (its extension {ext} says so, but "
+                                  f"Pillow cannot read its header as {' or '.join(formats)})"
+                            ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImageError(path, _pillow_refused(e, limit)) from None
 
 
-def read_files(paths: Sequence[str]) -> list[np.ndarray]:
-    """Decodes files to uint8 [H, W, 3] RGB each, in order; several at once on threads."""
+def read_files(paths: Sequence[str], *, max_pixels: int | None = None) -> list[np.ndarray]:
+    """Decodes files to uint8 [H, W, 3] RGB each, in order; several at once on threads.
+    `max_pixels` as in `decode_rgb`."""
+    decode = functools.partial(decode_rgb, max_pixels=max_pixels)
     if len(paths) < 4:
-        return [decode_rgb(p) for p in paths]
-    return list(parallel_map(decode_rgb, paths))
+        return [decode(p) for p in paths]
+    return list(parallel_map(decode, paths))
 
 
 def pixel_histogram(image: np.ndarray) -> np.ndarray:
@@ -163,7 +255,8 @@ def _class_folders(root: str, rel_paths: list[str],
 
 
 def load_folder(root: str | os.PathLike, *, labelled: bool | str = "auto", strict: bool = False,
-                extensions: Sequence[str] = IMAGE_EXTENSIONS) -> Source:
+                extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                max_pixels: int | None = None) -> Source:
     """Every image file under `root` (recursively) as a Source whose `read` decodes from disk.
 
     Args:
@@ -172,9 +265,14 @@ def load_folder(root: str | os.PathLike, *, labelled: bool | str = "auto", stric
       labelled: "auto" labels images by their first-level subfolder when every image lies in
         one and there are at least two; True requires that layout (one folder is then one
         class); False never labels.
-      strict: False skips files Pillow cannot decode (corrupt, truncated, not an image) with one
-        warning and records them in `Source.skipped`; True raises ValueError at the first one.
-      extensions: the file name endings that count as images.
+      strict: False skips bad files (corrupt, truncated, not an image, not the format their
+        extension names, over `max_pixels`) with one warning and records them in
+        `Source.skipped`; True raises ValueError at the first one.
+      extensions: the file name endings that count as images. Each is read only as the
+        format(s) it names (`IMAGE_FORMATS`, else the one Pillow registers for it).
+      max_pixels: width x height above which an image is a bad file, judged from its header
+        before decoding (None: MAX_PIXELS, 8192 x 8192). `Source.read` applies it too. Above
+        PIL.Image.MAX_IMAGE_PIXELS (89.5M) Pillow also warns, and above twice that refuses.
 
     Every file is opened and fully decoded once here (on threads), so training never meets a
     bad file. Images may differ in size; `read` returns uint8 [H, W, 3] RGB each. `mean`/`std`
@@ -191,7 +289,12 @@ def load_folder(root: str | os.PathLike, *, labelled: bool | str = "auto", stric
     if not os.path.isdir(root):
         raise ValueError(f"{root} is a file, not a folder; pass the directory that holds your "
                          f"images")
+    if max_pixels is not None and (not isinstance(max_pixels, int) or max_pixels < 1):
+        raise ValueError(f"max_pixels must be a positive number of pixels (width x height), got "
+                         f"{max_pixels!r}")
     exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+    for ext in exts:
+        image_formats(ext)  # an extension Pillow has no format for is an error now, not per file
     rel_paths, others = _list_images(root, exts)
     if not rel_paths:
         what = f"holds {others} files but none ending in {', '.join(exts)}" if others else "is empty"
@@ -204,7 +307,9 @@ def load_folder(root: str | os.PathLike, *, labelled: bool | str = "auto", stric
 
     def check(i: int) -> tuple[str | None, np.ndarray | None]:
         try:
-            image = decode_rgb(os.path.join(root, rel_paths[i]))
+            image = decode_rgb(os.path.join(root, rel_paths[i]), max_pixels=max_pixels)
+        except BadImageError as e:
+            return e.reason, None
         except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ... per format
             return _one_line(e), None
         if i not in sampled:
@@ -242,4 +347,4 @@ def load_folder(root: str | os.PathLike, *, labelled: bool | str = "auto", stric
     return sources.Source(
         name=f"folder:{root}", num_examples=len(kept), labels=labels, class_names=class_names,
         mean=mean, std=std, paths=tuple(os.path.join(root, rel_paths[i]) for i in kept),
-        skipped=tuple(skipped))
+        skipped=tuple(skipped), max_pixels=max_pixels)

@@ -43,7 +43,8 @@ class Source:
     decodes from `paths` (images may then differ in size). labels: int32 [N] indices into
     class_names, or None when unlabelled. mean, std: per channel, of pixel / 255 (float, RGB
     order). skipped: (path, reason) of files found but not readable, which are not in the
-    dataset.
+    dataset. max_pixels: the largest image `read` decodes from `paths` (None: the default of
+    `jaxssl.data.folder.decode_rgb`).
     """
 
     name: str
@@ -55,6 +56,7 @@ class Source:
     images: np.ndarray | None = None
     paths: tuple[str, ...] | None = None
     skipped: tuple[tuple[str, str], ...] = ()
+    max_pixels: int | None = None
 
     def __post_init__(self):
         if (self.images is None) == (self.paths is None):
@@ -76,7 +78,7 @@ class Source:
         """The images at `indices`, in order: uint8 [H, W, 3] RGB each."""
         if self.images is not None:
             return [self.images[i] for i in indices]
-        return read_files([self.paths[i] for i in indices])
+        return read_files([self.paths[i] for i in indices], max_pixels=self.max_pixels)
 
 
 def stats_from_histogram(hist: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -197,6 +199,9 @@ def load_cifar10_npz(path: str | os.PathLike, split: str = "train") -> Source:
     # or 4 threads) and tf.io.decode_jpeg no faster on 2 cores, after a 3 s TensorFlow import.
     for i in range(len(images)):
         with Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]].tobytes()), formats=("JPEG",)) as im:
+            if im.size != (32, 32):  # from the header: a wrong (or hostile) file is never decoded
+                raise ValueError(f"{path}: {split} image {i} is {im.size[0]} x {im.size[1]}, not "
+                                 f"32 x 32: not the CIFAR-10 layout described in {_CIFAR_README}")
             images[i] = np.asarray(im.convert("RGB"))
     mean, std = channel_stats(images)
     return Source(name=f"cifar10_npz:{split}", num_examples=len(images),
