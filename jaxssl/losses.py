@@ -19,8 +19,10 @@ _NORM_EPS = 1e-12  # guards the division for an all-zero embedding
 
 
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-    """Unit-length rows in float32. x: [N, D] any float dtype -> [N, D] float32."""
-    x = x.astype(jnp.float32)
+    """Unit-length rows in float32 (float64 stays float64: tests check sharded steps against the
+    single-device one in float64, where rounding cannot hide a wrong sum). x: [N, D] any float
+    dtype -> [N, D] float32, or float64 for float64 input."""
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     sq = jnp.sum(x * x, axis=axis, keepdims=True)
     return x * jax.lax.rsqrt(jnp.maximum(sq, _NORM_EPS * _NORM_EPS))
 

@@ -80,12 +80,14 @@ def _complete_checkpoints(ckpt_dir):
 
 
 def test_two_processes_of_4_devices_equal_one_process_of_8_through_sigterm_and_resume(tmp_path):
-    # 18 steps: time for a SIGTERM to land after the first checkpoint (step 3). A tenth of the
-    # demo's learning rate: at the demo's, the tiny network amplifies float32 summation-order
-    # differences (gloo against in-process) about threefold a step after step 8 (1e-3 in the
-    # gradient norm at step 10, 1% at 12), while a resume that fed other batches or lost state
-    # would still change the loss at once.
-    extra = [("num_steps", "18"), ("eval_every_steps", "9"), ("optim.base_lr", "0.0005")]
+    # 18 steps: time for a SIGTERM to land after the first checkpoint (step 3). A hundredth of
+    # the demo's learning rate: the tiny network amplifies float32 summation-order differences
+    # (gloo against in-process) step after step; at a tenth of it, with BatchNorm's two-pass
+    # variance, the gradient norm differed by 7.7e-4 at step 8 and by a factor 2 at step 18.
+    # At a hundredth the differences stay at rounding size (measured on a 2-core x86-64:
+    # loss 5.8e-6, gradient norm 1.2e-4 relative at most), while a resume that fed other
+    # batches or lost state would still change the loss at once.
+    extra = [("num_steps", "18"), ("eval_every_steps", "9"), ("optim.base_lr", "0.00005")]
     single = train.train(tiny_config(*extra), str(tmp_path / "single"))  # 8 devices, here
     workdir = tmp_path / "multi"
     args = ["train", "--config", "demo", "--workdir", str(workdir), "--distributed_timeout",
@@ -125,7 +127,10 @@ def test_two_processes_of_4_devices_equal_one_process_of_8_through_sigterm_and_r
     for a, b in zip(got, want):
         for key in b:
             # Equal up to float32 summation order (gloo's collectives against in-process ones).
-            np.testing.assert_allclose(a[key], b[key], rtol=2e-4, err_msg=f"{key} @ {b['step']}")
+            # The gradient norm is a sum whose terms cancel: its rounding is the largest (see
+            # above; 2.25e-4 was seen on an AMD EPYC at the previous learning rate).
+            rtol = 1e-3 if key == "train/grad_norm" else 1e-4
+            np.testing.assert_allclose(a[key], b[key], rtol=rtol, err_msg=f"{key} @ {b['step']}")
     template = jax.device_get(single.state)
     step, multi = _saved_params(workdir, template)
     assert step == 18

@@ -48,4 +48,34 @@ def assert_trees_close(a, b, rtol, atol=0.0):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
+def assert_leaves_close(a, b, rtol, scale="leaf"):
+    """Each leaf of a within rtol of b's in the L2 norm: ||a - b|| <= rtol * ||b||, where ||b||
+    is the leaf's norm (scale="leaf") or the whole tree's (scale="tree"). The norm-wise form of
+    a float32 comparison: an element near zero carries the rounding of the large terms it was
+    summed from, so element-wise relative tolerances fail on it for no fault of the
+    computation. Gradient-like trees (optimizer momenta) use scale="tree": a leaf whose terms
+    cancel is small, yet its rounding error is set by the size of those terms."""
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    assert ta == tb
+    total = np.sqrt(sum(np.sum(np.square(np.asarray(y, np.float64))) for y in lb))
+    for path, x, y in zip(jax.tree_util.tree_flatten_with_path(b)[0], la, lb):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        err, ref = np.linalg.norm(x - y), (np.linalg.norm(y) if scale == "leaf" else total)
+        assert err <= rtol * ref, (
+            f"{jax.tree_util.keystr(path[0])}: |a - b| / |b| = {err / ref if ref else err:.3g} "
+            f"> {rtol:g} ({scale} norm)")
+
+
+def as_float64(state, tx):
+    """A TrainState in float64 (params, BatchNorm statistics, a fresh optimizer state): run
+    inside `jax.enable_x64(True)` with a model built with dtype=jnp.float64."""
+    import jax.numpy as jnp
+
+    cast = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)
+    params = cast(state.params)
+    return state.replace(params=params, batch_stats=cast(state.batch_stats),
+                         opt_state=tx.init(params))
+
+
 partial = functools.partial

@@ -41,6 +41,7 @@ class ProjectionHead(nn.Module):
                 use_running_average=not train,
                 momentum=BN_MOMENTUM,
                 epsilon=BN_EPSILON,
+                use_fast_variance=False,  # two passes, as the backbone's (resnet._norm says why)
                 use_bias=use_bias,
                 axis_name=self.bn_axis_name if train else None,
                 dtype=self.dtype,
@@ -57,4 +58,4 @@ class ProjectionHead(nn.Module):
                      param_dtype=jnp.float32, name="out")(x)
         if self.output_bn:
             x = bn("out_bn", use_bias=False)(x)
-        return x.astype(jnp.float32)
+        return x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float64 stays (tests)
