@@ -9,6 +9,7 @@ enough to resume exactly.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import jax
@@ -16,11 +17,31 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-__all__ = ["Checkpointer", "IncompatibleCheckpointError"]
+__all__ = ["Checkpointer", "IncompatibleCheckpointError", "DamagedCheckpointError"]
 
 
 class IncompatibleCheckpointError(ValueError):
     """The checkpoint in a workdir does not fit the state being restored."""
+
+
+class DamagedCheckpointError(RuntimeError):
+    """A checkpoint whose files cannot be read (truncated, corrupted, unreadable metadata): a
+    fault of the storage, not another model; an older checkpoint may still restore."""
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{path: shape} of a state, its abstract version or orbax's metadata of it, with paths
+    written alike for all three (a dataclass field `.params` as a saved dict's `['params']`)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key = re.sub(r"\.([A-Za-z_]\w*)", r"['\1']", jax.tree_util.keystr(path))
+        out[key] = tuple(getattr(leaf, "shape", None) or ())
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 class Checkpointer:
@@ -88,21 +109,57 @@ class Checkpointer:
             template)
         return step, abstract
 
+    def difference(self, template: Any, step: int, *, ignore: str | None = None) -> str | None:
+        """None when the checkpoint at `step` holds exactly the leaves of `template` (a state or
+        its jax.eval_shape), with the same shapes; else the first difference, in words.
+        ignore: a field (e.g. "probe") left out of the comparison on both sides. Reads the
+        checkpoint's metadata only. DamagedCheckpointError when that cannot be read."""
+        try:
+            saved = self._manager.item_metadata(step)
+            saved = getattr(saved, "tree", saved)
+            if not saved:
+                raise ValueError("no metadata")
+        except Exception as e:  # orbax/tensorstore/json errors: the files are not what it wrote
+            raise DamagedCheckpointError(
+                f"the checkpoint at step {step} in {self.directory} is damaged (its metadata "
+                f"cannot be read: {_first_line(e)})") from e
+        have, want = _leaf_shapes(saved), _leaf_shapes(template)
+        if ignore:
+            skip = f"['{ignore}']"
+            have = {k: v for k, v in have.items() if not k.startswith(skip)}
+            want = {k: v for k, v in want.items() if not k.startswith(skip)}
+        for name, shape in want.items():
+            if have.get(name) != shape:
+                found = "absent" if name not in have else f"{have[name]}"
+                return f"{name} is {found} there, {shape} in this config"
+        extra = sorted(set(have) - set(want))
+        if extra:
+            return (f"it has {extra[0]}, which this config lacks"
+                    + (f", and {len(extra) - 1} more" if len(extra) > 1 else ""))
+        return None
+
     def restore(self, template: Any, step: int | None = None, *, partial: bool = False) -> Any:
         """The state saved at `step` (default: the latest), with the structure, shapes, dtypes
-        and shardings of `template` (a state or its jax.eval_shape). IncompatibleCheckpointError
-        when the saved state is of another model. partial=True: leaves saved but absent from
-        the template are skipped (e.g. a template whose probe is None)."""
+        and shardings of `template` (a state or its jax.eval_shape).
+
+        IncompatibleCheckpointError when the saved state is of another model (its metadata
+        names other leaves or shapes); DamagedCheckpointError when it is the same model but its
+        files cannot be read. partial=True: leaves saved but absent from the template are
+        skipped (e.g. a template whose probe is None)."""
         step, abstract = self._step_and_abstract(step, template)
+        diff = self.difference(abstract, step)
+        if diff and not (partial and diff.startswith("it has ")):
+            raise IncompatibleCheckpointError(
+                f"the checkpoint at step {step} in {self.directory} is of a different model "
+                f"({diff}); use a new workdir, or the config that wrote it")
         try:
             return self._manager.restore(step, args=ocp.args.PyTreeRestore(
                 abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
                 partial_restore=partial))
-        except (ValueError, KeyError) as e:  # orbax: a tree or shape that does not match
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise IncompatibleCheckpointError(
-                f"the checkpoint at step {step} in {self.directory} is of a different model "
-                f"({first}); use a new workdir, or the config that wrote it") from e
+        except Exception as e:  # the metadata matched: the data files are at fault
+            raise DamagedCheckpointError(
+                f"the checkpoint at step {step} in {self.directory} is damaged "
+                f"({_first_line(e)})") from e
 
     def restore_subtrees(self, template: dict[str, Any], step: int | None = None) -> dict[str, Any]:
         """Only the named fields of the state saved at `step`: e.g. {"params": ...,

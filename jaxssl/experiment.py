@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from jaxssl import ema, files, models, optim, parallel, probe as probe_lib, queue as queue_lib
 from jaxssl import state as state_lib, steps
 from jaxssl.checkpoint import Checkpointer, IncompatibleCheckpointError
-from jaxssl.configuration import ConfigError
+from jaxssl.configuration import ConfigError, _one_line
 from jaxssl.data import augment_jax, pipeline, recipes, sources
 
 __all__ = ["Experiment", "build", "build_model", "load_data", "subset", "compiled_step",
@@ -246,6 +246,11 @@ def restore_encoder(model, mesh: Mesh, workdir: str, step: int | None = None, *,
             tree = ckpt.restore_subtrees(template, step)
         except IncompatibleCheckpointError as e:
             raise ConfigError(str(e)) from e
+        except Exception as e:  # metadata read above matched: the data files are at fault
+            raise ConfigError(
+                f"the checkpoint at step {step} in {ckpt_dir} is damaged "
+                f"({_one_line(e)}); pass --step with an earlier one "
+                f"({', '.join(map(str, available[:-1])) or 'none saved'})") from e
     finally:
         ckpt.close()
     return tree["params"], tree["batch_stats"], step

@@ -145,3 +145,11 @@ def remove(path: str) -> None:
         _remote(path).unlink()
     else:
         os.remove(path)
+
+
+def move(src: str, dst: str) -> None:
+    """Rename a file or folder (a folder in a bucket is copied object by object, then removed)."""
+    if is_remote(src):
+        _remote(src).rename(_remote(dst))
+    else:
+        os.replace(src, dst)
