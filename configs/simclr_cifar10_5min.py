@@ -13,10 +13,11 @@ configs/simclr_cifar10.py's (LARS, lr 0.4 x batch/256, 10 warmup epochs then cos
 decay 1e-5, temperature 0.2, 2048-128 head with BN on its output, global BatchNorm) in
 bfloat16, shortened to 160 epochs.
 
-Measured on one H200 (2026-11-30, ba13ed2, jax 0.11.2; BENCHMARKS.md): the whole command took
-257 s, the loop ran at 43,852 images/s, and kNN top-1 reached 0.755 (0.357 at initialisation;
-0.646 at epoch 20, 0.750 at 100, flat after), below the 0.85 target. Speed leaves about 40 s
-unused, but the curve is flat, so more epochs would not reach 0.85: the recipe is the lever.
+Expected, as measured on one H200 (2026-11-30, ba13ed2, jax 0.11.2; BENCHMARKS.md): the whole
+command took 257 s, the loop ran at 43,852 images/s, and kNN top-1 reached 0.755 (0.357 at
+initialisation; 0.646 at epoch 20, 0.750 at 100, flat after), below the 0.85 target. Speed
+leaves about 40 s unused, but the curve is flat, so more epochs would not reach 0.85: the
+recipe is the lever.
 Published anchors, hours on one GPU: SimCLR about 83% kNN top-1 after 200 epochs, 89% after 800.
 """
 
