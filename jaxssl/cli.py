@@ -60,7 +60,7 @@ def _train(args, overrides) -> int:
     _start_distributed(args)
     from jaxssl import train  # imports jax: after the config is known to be good
 
-    result = train.train(config, workdir)
+    result = train.train(config, workdir, allow_config_change=args.allow_config_change)
     return 0 if result.status in ("done", "preempted", "stopped") else 1
 
 
@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None,
                    help="where checkpoints and logs go; the same workdir resumes "
                         "(default: runs/<config name>)")
+    p.add_argument("--allow_config_change", action="store_true",
+                   help="resume although the config changes what is trained (the model, data, "
+                        "recipe, batch, optimizer, seed); recorded in config-<step>.json")
     _distributed_flags(p)
     p.set_defaults(run=_train)
     e = sub.add_parser("eval", help="evaluate a trained workdir: knn, linear or finetune",

@@ -49,8 +49,20 @@ class RunResult:
     state: Any = None  # the final TrainState (replicated over the mesh)
 
 
+# What a jaxssl workdir holds from its first moments (checkpoints/ is made before config.json).
+_WORKDIR_MARKS = ("config.json", "checkpoints")
+
+
 def _prepare_workdir(workdir: str) -> str:
     workdir = files.resolve(workdir)
+    try:
+        present = files.listdir(workdir) if files.isdir(workdir) else []
+    except Exception:  # unreadable: the write test below says why
+        present = []
+    if present and not any(m in present for m in _WORKDIR_MARKS):
+        shown = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
+        raise ConfigError(f"workdir {workdir} is not empty ({shown}) and holds no jaxssl run "
+                          "(no config.json or checkpoints/); pass a new or empty --workdir")
     probe = files.join(workdir, f".write_test.{os.getpid()}.{jax.process_index()}")
     try:
         files.makedirs(workdir)
@@ -121,18 +133,53 @@ def _restore_newest_or_raise(current, make_ckpt, state, workdir, say):
     return 0, state, ckpt
 
 
-def _write_config(config, workdir: str, say) -> None:
+# Fields that change how a run is watched, logged or checkpointed, not what it trains: they may
+# differ on resume (the change is recorded). Every other field changes the result.
+_FREE_FIELDS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "checkpoint.",
+                "eval.", "data.prefetch", "data.threads", "data.eval_path", "data.eval_split")
+
+
+def _config_changes(config, workdir: str, n_dev: int, allow: bool) -> list[str] | None:
+    """The fields in which `config` differs from the config.json that started this workdir
+    (None for a new workdir). ConfigError, naming them, when one changes what is trained
+    (or, with per-device BatchNorm, the device count does) unless `allow`."""
     path = files.join(workdir, "config.json")
-    new = json.loads(config.to_json_best_effort())
-    if files.exists(path):
-        old = json.loads(files.read_text(path))
-        flat_old, flat_new = _flatten(old), _flatten(new)
-        changed = sorted(k for k in flat_old.keys() | flat_new.keys()
-                         if flat_old.get(k) != flat_new.get(k))
-        if changed:
-            say(f"note: the config differs from the one that started this workdir in: "
-                f"{', '.join(changed)}")
-    files.write_text(path, json.dumps(new, indent=2))
+    if not files.exists(path):
+        return None
+    old = _flatten(json.loads(files.read_text(path)))
+    new = _flatten(json.loads(config.to_json_best_effort()))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    run_path = files.join(workdir, "run.json")
+    if config.model.bn == "local" and files.exists(run_path):
+        devices = json.loads(files.read_text(run_path)).get("devices")
+        if devices not in (None, n_dev):
+            old["devices"], new["devices"] = devices, n_dev  # one BatchNorm group per device
+            changed.append("devices")
+    binding = [k for k in changed if not k.startswith(_FREE_FIELDS)]
+    if binding and not allow:
+        shown = "; ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in binding[:4])
+        more = f" and {len(binding) - 4} more" if len(binding) > 4 else ""
+        raise ConfigError(
+            f"the config differs from the one that started workdir {workdir} in what is "
+            f"trained ({shown}{more}); use a new workdir, or pass --allow_config_change to "
+            "continue with the change (recorded in config-<step>.json)")
+    return changed
+
+
+def _write_config(config, workdir: str, start: int, changed: list[str] | None, n_dev: int,
+                  say) -> None:
+    """config.json is written once, when the run starts; a resume with changed fields writes
+    the config it continues with to config-<step>.json and says which fields changed."""
+    text = json.dumps(json.loads(config.to_json_best_effort()), indent=2)
+    if changed is None:
+        files.write_text(files.join(workdir, "config.json"), text)
+        files.write_text(files.join(workdir, "run.json"), json.dumps(
+            {"devices": n_dev, "processes": jax.process_count()}, indent=2))
+    elif changed:
+        path = files.join(workdir, f"config-{start}.json")
+        files.write_text(path, text)
+        say(f"note: from step {start} the config differs from config.json in "
+            f"{', '.join(changed)}; recorded in {path}")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -159,11 +206,13 @@ def _finite_values(step: int, metrics: dict, last_good: int | None, ckpt_dir: st
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None,
-          mesh=None, stream: TextIO | None = None) -> RunResult:
+          mesh=None, stream: TextIO | None = None, allow_config_change: bool = False) -> RunResult:
     """Train (or resume) the run of `config` in `workdir`; see the module docstring.
 
     stop_at_step: end this invocation after that step, with a checkpoint, as if preempted (a
     later call resumes). stream: where progress and messages go (default stdout).
+    allow_config_change: resume although the config changes what is trained (ConfigError
+    otherwise); the config continued with is recorded as config-<step>.json.
     """
     stream = stream or sys.stdout
     main = jax.process_index() == 0
@@ -177,6 +226,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     workdir = _prepare_workdir(workdir)
     mesh = mesh or parallel.make_mesh()
     n_dev = mesh.shape[parallel.DATA_AXIS]
+    changed = _config_changes(config, workdir, n_dev, allow_config_change)
     exp = experiment.build(config, mesh, with_eval=config.eval.knn)
     d, m = config.data, config.model
     train_source, eval_source = exp.train_source, exp.eval_source
@@ -201,7 +251,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     ckpt = make_ckpt()
     start, state, ckpt = _restore_newest(ckpt, make_ckpt, state, workdir, say)
     if main:
-        _write_config(config, workdir, say)
+        _write_config(config, workdir, start, changed, n_dev, say)
         # What evaluation and export need to know of the data without loading it again.
         files.write_text(files.join(workdir, "data.json"), json.dumps(
             {"name": train_source.name, "num_examples": train_source.num_examples,

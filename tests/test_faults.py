@@ -1,6 +1,9 @@
-"""Faults a long run must survive or refuse cleanly (issue 14): a checkpoint of another model,
-a damaged latest checkpoint. Each case runs the trainer on the tiny demo model against a copy
-of one trained workdir (2 steps, a checkpoint after each)."""
+"""Faults a long run must survive or refuse cleanly (issue 14): a resume with another config, a
+checkpoint of another model, a damaged latest checkpoint, a foreign folder as workdir. Each case
+runs the trainer on the tiny demo model against a copy of one trained workdir (2 steps, a
+checkpoint after each)."""
+
+import json
 
 import io
 import os
@@ -42,7 +45,8 @@ def test_a_checkpoint_of_another_model_is_refused(trained, tmp_path, field, valu
     before = {os.path.relpath(os.path.join(r, n), workdir): os.path.getmtime(os.path.join(r, n))
               for r, _, ns in os.walk(workdir) for n in ns}
     with pytest.raises(ConfigError, match="step 2 .* is of a different model") as e:
-        train.train(tiny_config(*STEPS, (field, value)), str(workdir), stream=io.StringIO())
+        train.train(tiny_config(*STEPS, (field, value)), str(workdir), stream=io.StringIO(),
+                    allow_config_change=True)  # past the config check: the checkpoint's own
     assert "\n" not in str(e.value)
     after = {os.path.relpath(os.path.join(r, n), workdir): os.path.getmtime(os.path.join(r, n))
              for r, _, ns in os.walk(workdir) for n in ns}
@@ -94,3 +98,59 @@ def test_every_checkpoint_damaged_is_one_line(trained, tmp_path):
         train.train(tiny_config(*STEPS), str(workdir), stream=io.StringIO())
     assert "\n" not in str(e.value)
     assert sorted(n.split(".")[0] for n in os.listdir(workdir / "damaged_checkpoints")) == ["1", "2"]
+
+
+def _files(workdir):
+    return {os.path.relpath(os.path.join(r, n), workdir): os.path.getmtime(os.path.join(r, n))
+            for r, _, ns in os.walk(workdir) for n in ns}
+
+
+@pytest.mark.parametrize("changes", [
+    [("seed", "1")], [("batch_size", "8")], [("optim.base_lr", "0.75")],
+    [("data.recipe", "simclr")], [("data.source", "cifar10_npz"), ("data.path", "x.npz")],
+    [("num_steps", "4")]], ids=lambda c: c[0][0])
+def test_a_resume_that_changes_what_is_trained_is_refused(trained, tmp_path, changes):
+    """Before: a note, exit 0, the learning rate jumped and config.json was overwritten."""
+    workdir = _copy(trained, tmp_path)
+    before = _files(workdir)
+    with pytest.raises(ConfigError, match="differs from the one that started") as e:
+        train.train(tiny_config(*STEPS, *changes), str(workdir), stream=io.StringIO())
+    assert "\n" not in str(e.value) and changes[0][0] in str(e.value)
+    assert "--allow_config_change" in str(e.value)
+    assert _files(workdir) == before
+
+
+def test_an_allowed_change_is_recorded_and_config_json_kept(trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    first = (workdir / "config.json").read_text()
+    out = io.StringIO()
+    result = train.train(tiny_config(*STEPS, ("num_steps", "3"), ("log_every_steps", "3")),
+                         str(workdir), stream=out, allow_config_change=True)
+    assert result.status == "done" and result.step == 3
+    assert (workdir / "config.json").read_text() == first
+    recorded = json.loads((workdir / "config-2.json").read_text())
+    assert recorded["num_steps"] == 3 and json.loads(first)["num_steps"] == 2
+    assert "num_steps" in out.getvalue() and "config-2.json" in out.getvalue()
+
+
+def test_watching_fields_may_change_and_are_recorded(trained, tmp_path):
+    """Logging, evaluation and checkpoint intervals do not change what is trained."""
+    workdir = _copy(trained, tmp_path)
+    stop = [s for s in STEPS if s[0] != "log_every_steps"] + [("log_every_steps", "2"),
+                                                              ("eval.knn_k", "10")]
+    result = train.train(tiny_config(*stop), str(workdir), stream=io.StringIO())
+    assert result.status == "done"
+    recorded = json.loads((workdir / "config-2.json").read_text())
+    assert recorded["log_every_steps"] == 2 and recorded["eval"]["knn_k"] == 10
+
+
+def test_a_foreign_folder_is_not_taken_as_a_workdir(tmp_path):
+    """Before: jaxssl overwrote the folder's config.json-less contents' metrics and config."""
+    workdir = tmp_path / "other_tool"
+    workdir.mkdir()
+    (workdir / "metrics.jsonl").write_text("theirs\n")
+    with pytest.raises(ConfigError, match="not empty .* holds no jaxssl run") as e:
+        train.train(tiny_config(*STEPS), str(workdir), stream=io.StringIO())
+    assert "\n" not in str(e.value)
+    assert os.listdir(workdir) == ["metrics.jsonl"]
+    assert (workdir / "metrics.jsonl").read_text() == "theirs\n"

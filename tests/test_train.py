@@ -275,6 +275,12 @@ def test_bad_input_workdir_of_another_model(tmp_path, capsys):
     code = cli.main(cli_args(workdir, ("num_steps", "3"), ("model.width", "8")))
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
+    assert "model.width 4 -> 8" in err and "new workdir" in err  # the config check, first
+    # Allowing config changes does not let a checkpoint of another model resume.
+    code = cli.main(cli_args(workdir, ("num_steps", "3"), ("model.width", "8"))
+                    + ["--allow_config_change"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
     assert "different model" in err and "new workdir" in err
     assert sorted(os.listdir(workdir / "checkpoints")) == before  # nothing lost
 
