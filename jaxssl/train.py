@@ -193,15 +193,20 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def _finite_values(step: int, metrics: dict, last_good: int | None, ckpt_dir: str) -> dict:
-    """Metrics as floats; TrainingDiverged when the loss or gradient norm is not finite."""
+    """Metrics as floats; TrainingDiverged when any is not finite (the loss, the gradient norm,
+    or the online probe's, whose state is checkpointed with the rest)."""
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    bad = [k for k in ("train/loss", "train/grad_norm") if not math.isfinite(values[k])]
+    bad = [k for k in sorted(values) if not math.isfinite(values[k])]
     if bad:
         where = (f"the last good checkpoint is step {last_good} in {ckpt_dir} (rerunning "
                  "resumes from it)" if last_good is not None else "no checkpoint was saved")
+        hint = ("try a lower eval.online_probe_lr, or eval.online_probe=false"
+                if all(k.startswith("train/online_") for k in bad)
+                else "try a lower optim.base_lr or a longer optim.warmup_epochs")
+        first = "train/loss" if "train/loss" in bad else bad[0]
         raise TrainingDiverged(
-            f"training stopped: non-finite {bad[0]} ({values[bad[0]]}) at step {step}; {where}; "
-            "try a lower optim.base_lr or a longer optim.warmup_epochs")
+            f"training stopped: non-finite {first} ({values[first]}) at step {step}; {where}; "
+            f"{hint}")
     return values
 
 

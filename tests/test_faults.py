@@ -154,3 +154,29 @@ def test_a_foreign_folder_is_not_taken_as_a_workdir(tmp_path):
     assert "\n" not in str(e.value)
     assert os.listdir(workdir) == ["metrics.jsonl"]
     assert (workdir / "metrics.jsonl").read_text() == "theirs\n"
+
+
+def test_a_nan_in_the_online_probe_stops_before_it_is_saved(trained, tmp_path, monkeypatch):
+    """Before: only train/loss and train/grad_norm were checked, so a diverged probe was
+    checkpointed and every resume carried it."""
+    import jax.numpy as jnp
+
+    from jaxssl import steps
+    from jaxssl.train import TrainingDiverged
+
+    real_step = steps.simclr_step
+
+    def poisoned(state, views, key, **kwargs):
+        new_state, metrics = real_step(state, views, key, **kwargs)
+        bad = new_state.step == 3
+        metrics = dict(metrics, **{
+            "train/online_loss": jnp.where(bad, jnp.nan, metrics["train/online_loss"])})
+        return new_state, metrics
+
+    monkeypatch.setattr(steps, "simclr_step", poisoned)
+    workdir = _copy(trained, tmp_path)
+    with pytest.raises(TrainingDiverged, match="non-finite train/online_loss .* at step 3") as e:
+        train.train(tiny_config(*[s for s in STEPS if s[0] != "num_steps"], ("num_steps", "4")),
+                    str(workdir), stream=io.StringIO(), allow_config_change=True)
+    assert "online_probe_lr" in str(e.value) and "last good checkpoint is step 2" in str(e.value)
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
