@@ -17,6 +17,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from jaxssl.configuration import _one_line
+
 __all__ = ["Checkpointer", "IncompatibleCheckpointError", "DamagedCheckpointError"]
 
 
@@ -39,9 +41,26 @@ def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
+def _first_difference(have: dict, want: dict, *, allow_extra: bool = False) -> str | None:
+    """The first way the saved {path: shape} `have` differs from the wanted `want`, in words;
+    None when they agree (saved leaves that are not wanted are ignored with allow_extra)."""
+    for name, shape in want.items():
+        if have.get(name) != shape:
+            found = "absent" if name not in have else f"{have[name]}"
+            return f"{name} is {found} there, {shape} in this config"
+    # A deeper network holds every leaf of a shallower one too: extra saved leaves mean another
+    # model, not a subset to pick from.
+    extra = [] if allow_extra else sorted(set(have) - set(want))
+    if extra:
+        return (f"it has {extra[0]}, which this config lacks"
+                + (f", and {len(extra) - 1} more" if len(extra) > 1 else ""))
+    return None
+
+
+def _only(shapes: dict, fields, keep: bool) -> dict:
+    """The entries of {path: shape} under the top-level `fields` (keep) or not under them."""
+    prefixes = tuple(f"['{f}']" for f in fields)
+    return {k: v for k, v in shapes.items() if k.startswith(prefixes) == keep}
 
 
 class Checkpointer:
@@ -109,11 +128,9 @@ class Checkpointer:
             template)
         return step, abstract
 
-    def difference(self, template: Any, step: int, *, ignore: str | None = None) -> str | None:
-        """None when the checkpoint at `step` holds exactly the leaves of `template` (a state or
-        its jax.eval_shape), with the same shapes; else the first difference, in words.
-        ignore: a field (e.g. "probe") left out of the comparison on both sides. Reads the
-        checkpoint's metadata only. DamagedCheckpointError when that cannot be read."""
+    def _saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+        """{path: shape} of the checkpoint at `step`, from its metadata alone;
+        DamagedCheckpointError when that cannot be read."""
         try:
             saved = self._manager.item_metadata(step)
             saved = getattr(saved, "tree", saved)
@@ -122,21 +139,18 @@ class Checkpointer:
         except Exception as e:  # orbax/tensorstore/json errors: the files are not what it wrote
             raise DamagedCheckpointError(
                 f"the checkpoint at step {step} in {self.directory} is damaged (its metadata "
-                f"cannot be read: {_first_line(e)})") from e
-        have, want = _leaf_shapes(saved), _leaf_shapes(template)
+                f"cannot be read: {_one_line(e)})") from e
+        return _leaf_shapes(saved)
+
+    def difference(self, template: Any, step: int, *, ignore: str | None = None) -> str | None:
+        """None when the checkpoint at `step` holds exactly the leaves of `template` (a state or
+        its jax.eval_shape), with the same shapes; else the first difference, in words.
+        ignore: a field (e.g. "probe") left out of the comparison on both sides. Reads the
+        checkpoint's metadata only. DamagedCheckpointError when that cannot be read."""
+        have, want = self._saved_shapes(step), _leaf_shapes(template)
         if ignore:
-            skip = f"['{ignore}']"
-            have = {k: v for k, v in have.items() if not k.startswith(skip)}
-            want = {k: v for k, v in want.items() if not k.startswith(skip)}
-        for name, shape in want.items():
-            if have.get(name) != shape:
-                found = "absent" if name not in have else f"{have[name]}"
-                return f"{name} is {found} there, {shape} in this config"
-        extra = sorted(set(have) - set(want))
-        if extra:
-            return (f"it has {extra[0]}, which this config lacks"
-                    + (f", and {len(extra) - 1} more" if len(extra) > 1 else ""))
-        return None
+            have, want = _only(have, [ignore], False), _only(want, [ignore], False)
+        return _first_difference(have, want)
 
     def restore(self, template: Any, step: int | None = None, *, partial: bool = False) -> Any:
         """The state saved at `step` (default: the latest), with the structure, shapes, dtypes
@@ -147,8 +161,9 @@ class Checkpointer:
         files cannot be read. partial=True: leaves saved but absent from the template are
         skipped (e.g. a template whose probe is None)."""
         step, abstract = self._step_and_abstract(step, template)
-        diff = self.difference(abstract, step)
-        if diff and not (partial and diff.startswith("it has ")):
+        diff = _first_difference(self._saved_shapes(step), _leaf_shapes(abstract),
+                                 allow_extra=partial)
+        if diff:
             raise IncompatibleCheckpointError(
                 f"the checkpoint at step {step} in {self.directory} is of a different model "
                 f"({diff}); use a new workdir, or the config that wrote it")
@@ -159,7 +174,7 @@ class Checkpointer:
         except Exception as e:  # the metadata matched: the data files are at fault
             raise DamagedCheckpointError(
                 f"the checkpoint at step {step} in {self.directory} is damaged "
-                f"({_first_line(e)})") from e
+                f"({_one_line(e)})") from e
 
     def restore_subtrees(self, template: dict[str, Any], step: int | None = None) -> dict[str, Any]:
         """Only the named fields of the state saved at `step`: e.g. {"params": ...,
@@ -170,28 +185,12 @@ class Checkpointer:
         saved fields are of another model.
         """
         step, abstract = self._step_and_abstract(step, template)
-        saved = self._manager.item_metadata(step)
-        saved = getattr(saved, "tree", saved)
-        want = {jax.tree_util.keystr(k): x.shape
-                for k, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
-        have = {jax.tree_util.keystr(k): tuple(getattr(x, "shape", ()))
-                for k, x in jax.tree_util.tree_flatten_with_path(
-                    {name: saved.get(name) for name in template})[0]}
-        for name, shape in want.items():
-            if have.get(name) != tuple(shape):
-                found = "absent" if name not in have else f"{have[name]}"
-                raise IncompatibleCheckpointError(
-                    f"the checkpoint at step {step} in {self.directory} is of a different model "
-                    f"({name} is {found} there, {tuple(shape)} in this config); use the config "
-                    "that wrote it")
-        # A deeper network holds every leaf of a shallower one too: extra saved leaves in the
-        # requested fields mean another model, not a subset to pick from.
-        extra = sorted(set(have) - set(want))
-        if extra:
+        diff = _first_difference(_only(self._saved_shapes(step), template, True),
+                                 _leaf_shapes(abstract))
+        if diff:
             raise IncompatibleCheckpointError(
-                f"the checkpoint at step {step} in {self.directory} is of a different model (it "
-                f"has {extra[0]}, which this config lacks, and {len(extra) - 1} more); use the "
-                "config that wrote it")
+                f"the checkpoint at step {step} in {self.directory} is of a different model "
+                f"({diff}); use the config that wrote it")
         return self._manager.restore(step, args=ocp.args.PyTreeRestore(
             abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
             partial_restore=True))

@@ -77,7 +77,7 @@ def _prepare_workdir(workdir: str) -> str:
     return workdir
 
 
-def _restore_newest(ckpt, make_ckpt, state, workdir: str, say):
+def _restore_newest(make_ckpt, state, workdir: str, say):
     """(start step, state, checkpointer): the newest checkpoint in the workdir that restores.
 
     A checkpoint of another model ends the run (ConfigError): older ones hold the same model.
@@ -86,50 +86,45 @@ def _restore_newest(ckpt, make_ckpt, state, workdir: str, say):
     note, and the one before it is tried; if none restores, ConfigError. No checkpoint: step 0.
     The checkpointer is closed when this raises.
     """
-    current = [ckpt]  # a damaged checkpoint makes a new checkpointer: close the last one
-    try:
-        return _restore_newest_or_raise(current, make_ckpt, state, workdir, say)
-    except ConfigError:
-        current[0].close()
-        raise
-
-
-def _restore_newest_or_raise(current, make_ckpt, state, workdir, say):
-    ckpt = current[0]
-    steps = sorted(ckpt.all_steps(), reverse=True)
+    ckpt = make_ckpt()
     damaged = []
-    for step in steps:
-        try:
-            diff = ckpt.difference(state, step)
-            if diff is None:
-                return step, ckpt.restore(state, step), ckpt
-            if ckpt.difference(state, step, ignore="probe") is not None:
-                raise ConfigError(
-                    f"the checkpoint at step {step} in {ckpt.directory} is of a different model "
-                    f"({diff}); use a new workdir, or the config that wrote it")
-            # The online probe is turned on (or off) since the checkpoint: it never changed the
-            # encoder, so restore everything else and give the probe a fresh start.
-            restored = ckpt.restore(state.replace(probe=None), step, partial=True)
-            say("note: the checkpoint's online probe does not match eval.online_probe; the "
-                "encoder resumes exactly, the probe " + (
-                    "starts afresh" if state.probe is not None else "is dropped"))
-            return step, restored.replace(probe=state.probe), ckpt
-        except DamagedCheckpointError as e:
-            damaged.append(step)
-            aside = files.join(workdir, "damaged_checkpoints", f"{step}.{int(time.time())}")
-            say(f"note: {e}; moved to {aside}; trying the checkpoint before it")
-            ckpt.wait()
-            if jax.process_index() == 0:
-                files.makedirs(files.dirname(aside))
-                files.move(files.join(ckpt.directory, str(step)), aside)
-            distributed.barrier("jaxssl-damaged-checkpoint")
-            ckpt.close()
-            ckpt = current[0] = make_ckpt()  # the manager lists its steps when made
-    if damaged:
-        raise ConfigError(
-            f"no checkpoint in {ckpt.directory} could be restored (steps "
-            f"{', '.join(map(str, damaged))} were damaged and are in "
-            f"{files.join(workdir, 'damaged_checkpoints')}); to start afresh, use a new workdir")
+    try:
+        for step in sorted(ckpt.all_steps(), reverse=True):
+            try:
+                diff = ckpt.difference(state, step)
+                if diff is None:
+                    return step, ckpt.restore(state, step), ckpt
+                if ckpt.difference(state, step, ignore="probe") is not None:
+                    raise ConfigError(
+                        f"the checkpoint at step {step} in {ckpt.directory} is of a different "
+                        f"model ({diff}); use a new workdir, or the config that wrote it")
+                # The online probe is turned on (or off) since the checkpoint: it never changed
+                # the encoder, so restore everything else and give the probe a fresh start.
+                restored = ckpt.restore(state.replace(probe=None), step, partial=True)
+                say("note: the checkpoint's online probe does not match eval.online_probe; the "
+                    "encoder resumes exactly, the probe " + (
+                        "starts afresh" if state.probe is not None else "is dropped"))
+                return step, restored.replace(probe=state.probe), ckpt
+            except DamagedCheckpointError as e:
+                damaged.append(step)
+                aside = files.join(workdir, "damaged_checkpoints", f"{step}.{int(time.time())}")
+                say(f"note: {e}; moved to {aside}; trying the checkpoint before it")
+                ckpt.wait()
+                if jax.process_index() == 0:
+                    files.makedirs(files.dirname(aside))
+                    files.move(files.join(ckpt.directory, str(step)), aside)
+                distributed.barrier("jaxssl-damaged-checkpoint")
+                ckpt.close()
+                ckpt = make_ckpt()  # the manager lists its steps when made
+        if damaged:
+            raise ConfigError(
+                f"no checkpoint in {ckpt.directory} could be restored (steps "
+                f"{', '.join(map(str, damaged))} were damaged and are in "
+                f"{files.join(workdir, 'damaged_checkpoints')}); to start afresh, use a new "
+                "workdir")
+    except ConfigError:
+        ckpt.close()
+        raise
     return 0, state, ckpt
 
 
@@ -253,8 +248,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     make_ckpt = lambda: Checkpointer(ckpt_dir, keep_last=config.checkpoint.keep,  # noqa: E731
                                      best_metric="eval/knn_top1" if knn_on else None,
                                      async_save=config.checkpoint.async_save)
-    ckpt = make_ckpt()
-    start, state, ckpt = _restore_newest(ckpt, make_ckpt, state, workdir, say)
+    start, state, ckpt = _restore_newest(make_ckpt, state, workdir, say)
     if main:
         _write_config(config, workdir, start, changed, n_dev, say)
         # What evaluation and export need to know of the data without loading it again.
