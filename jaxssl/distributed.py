@@ -17,7 +17,7 @@ import os
 import jax
 import numpy as np
 
-__all__ = ["initialize", "launcher", "any_process"]
+__all__ = ["initialize", "launcher", "any_process", "processes_where", "barrier"]
 
 
 def launcher() -> str | None:
@@ -110,14 +110,21 @@ def _wait_for(address: str, timeout_s: int) -> None:
             time.sleep(0.5)
 
 
+def processes_where(flag: bool) -> list[int]:
+    """The indices of the processes on which `flag` is true, the same list on every process (a
+    collective: every process must call it at the same point). One process: [0] or []."""
+    if jax.process_count() == 1:
+        return [0] if flag else []
+    from jax.experimental import multihost_utils
+
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).reshape(-1)
+    return [int(i) for i in np.flatnonzero(flags)]
+
+
 def any_process(flag: bool) -> bool:
     """True on every process when `flag` is true on any of them (a collective: every process
     must call it at the same point). One process: the flag itself."""
-    if jax.process_count() == 1:
-        return bool(flag)
-    from jax.experimental import multihost_utils
-
-    return bool(np.max(multihost_utils.process_allgather(np.int32(bool(flag)))))
+    return bool(processes_where(flag))
 
 
 def barrier(name: str) -> None:

@@ -59,6 +59,8 @@ def _prepare_workdir(workdir: str) -> str:
         present = files.listdir(workdir) if files.isdir(workdir) else []
     except Exception:  # unreadable: the write test below says why
         present = []
+    # Another process's write test (below) may be under way: its probe is not a stranger's file.
+    present = [p for p in present if not p.lstrip(".").startswith("write_test.")]
     if present and not any(m in present for m in _WORKDIR_MARKS):
         shown = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
         raise ConfigError(f"workdir {workdir} is not empty ({shown}) and holds no jaxssl run "
@@ -75,6 +77,27 @@ def _prepare_workdir(workdir: str) -> str:
         raise ConfigError(f"cannot write to workdir {workdir} ({reason}){hint}; pass a "
                           "--workdir you can write to") from e
     return workdir
+
+
+def _same_on_every_process(check):
+    """check() on every process; a ConfigError on any of them is raised on all (the others
+    would otherwise wait in their first collective for a process that has left). A collective:
+    what every process read in check() was read before any of them goes on to write."""
+    error = None
+    try:
+        result = check()
+    except ConfigError as e:
+        error = e
+    failed = distributed.processes_where(error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise ConfigError(
+            f"process {', '.join(map(str, failed))} of {jax.process_count()} stopped before "
+            "training (its error is in its own output; launch/local_multiprocess.sh writes it "
+            "to LOGDIR/jaxssl_process_<i>.log): a workdir or config the processes do not see "
+            "alike; give every process the same --workdir on a shared filesystem or bucket")
+    return result
 
 
 def _restore_newest(make_ckpt, state, workdir: str, say):
@@ -223,10 +246,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
 
     bar = None
     configuration.validate(config)
-    workdir = _prepare_workdir(workdir)
     mesh = mesh or parallel.make_mesh()
     n_dev = mesh.shape[parallel.DATA_AXIS]
-    changed = _config_changes(config, workdir, n_dev, allow_config_change)
+
+    def check_workdir():
+        path = _prepare_workdir(workdir)
+        return path, _config_changes(config, path, n_dev, allow_config_change)
+
+    workdir, changed = _same_on_every_process(check_workdir)
     exp = experiment.build(config, mesh, with_eval=config.eval.knn)
     d, m = config.data, config.model
     train_source, eval_source = exp.train_source, exp.eval_source

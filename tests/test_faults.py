@@ -156,6 +156,20 @@ def test_a_foreign_folder_is_not_taken_as_a_workdir(tmp_path):
     assert (workdir / "metrics.jsonl").read_text() == "theirs\n"
 
 
+def test_another_processs_write_test_is_not_a_foreign_file(tmp_path):
+    """Before: process 1 listed the new workdir while process 0 was testing that it can write
+    there, took its probe for another tool's file, refused the workdir, and process 0 waited in
+    its first collective until JAX aborted it (seen in CI)."""
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / ".write_test.4242.0").write_text("ok")  # the probe, and write_bytes' temporary
+    (workdir / "..write_test.4242.0.1a2b3c4d.tmp").write_text("o")
+    assert train._prepare_workdir(str(workdir)) == str(workdir)
+    (workdir / "theirs.txt").write_text("x")
+    with pytest.raises(ConfigError, match="holds no jaxssl run"):
+        train._prepare_workdir(str(workdir))
+
+
 def test_a_nan_in_the_online_probe_stops_before_it_is_saved(trained, tmp_path, monkeypatch):
     """Before: only train/loss and train/grad_norm were checked, so a diverged probe was
     checkpointed and every resume carried it."""

@@ -75,6 +75,22 @@ def _launch(tmp_path, *args):
         stderr=subprocess.PIPE, text=True)
 
 
+def _what_went_wrong(launcher, logdir):
+    """Stop the launcher (it passes SIGTERM to both processes) and return the ends of what it
+    and process 1 printed, for an assertion message."""
+    if launcher.poll() is None:
+        launcher.terminate()
+    try:
+        out, err = launcher.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        launcher.kill()
+        out, err = launcher.communicate()
+    log1 = logdir / "jaxssl_process_1.log"
+    return (f"exit {launcher.returncode}\n--- process 0:\n{out[-3000:]}\n--- launcher:\n"
+            f"{err[-2000:]}\n--- process 1:\n"
+            f"{log1.read_text()[-3000:] if log1.exists() else '(no log)'}")
+
+
 def _complete_checkpoints(ckpt_dir):
     return [p for p in ckpt_dir.iterdir() if p.name.isdigit()] if ckpt_dir.is_dir() else []
 
@@ -93,9 +109,11 @@ def test_two_processes_of_4_devices_equal_one_process_of_8_through_sigterm_and_r
     args = ["train", "--config", "demo", "--workdir", str(workdir), "--distributed_timeout",
             "120", *[f"--config.{k}={v}" for k, v in TINY + extra]]
     launcher = _launch(tmp_path, *args)
-    deadline = time.time() + 300
+    deadline = time.time() + 420
     while not _complete_checkpoints(workdir / "checkpoints"):
-        assert time.time() < deadline and launcher.poll() is None, launcher.communicate()
+        if time.time() > deadline or launcher.poll() is not None:
+            pytest.fail("no checkpoint from the two processes within 420 s:\n"
+                        + _what_went_wrong(launcher, tmp_path))
         time.sleep(0.1)
     # SIGTERM to process 1 only (not to the launcher, which would pass it to both).
     pid = subprocess.run(
@@ -181,6 +199,19 @@ def test_mismatched_process_counts_are_a_clear_error_in_bounded_time(tmp_path):
              _spawn(tmp_path / "w", 1, port, num_processes=3, timeout=8)]
     for p in procs:
         assert _one_line_error(p, "the processes disagree", 8) < 120
+
+
+def test_a_process_that_refuses_its_workdir_stops_every_process(tmp_path):
+    # Process 1 is given a folder of another tool: it refuses it, and process 0 (whose workdir
+    # is fine) says so and exits instead of waiting in its first collective for process 1.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not a jaxssl run")
+    port = _free_port()
+    procs = [_spawn(tmp_path / "w", 0, port, timeout=60), _spawn(foreign, 1, port, timeout=60)]
+    _one_line_error(procs[1], "holds no jaxssl run", 60)
+    _one_line_error(procs[0], "process 1 of 2 stopped before training", 60)
+    assert not (tmp_path / "w" / "config.json").exists()  # nothing written, nothing to clean
 
 
 @pytest.mark.parametrize("argv,match", [
