@@ -29,6 +29,7 @@ from jaxssl.configuration import ConfigError
 from jaxssl.data import pipeline, preview
 from jaxssl.evaluate.features import FeatureExtractor
 from jaxssl.evaluate.knn import knn_top1
+from jaxssl.lock import LOCK_NAME, WorkdirLock
 from jaxssl.preemption import StopRequest
 from jaxssl.writers import MetricsLog, ProgressBar, format_duration, open_tensorboard, plot_curves
 
@@ -49,8 +50,9 @@ class RunResult:
     state: Any = None  # the final TrainState (replicated over the mesh)
 
 
-# What a jaxssl workdir holds from its first moments (checkpoints/ is made before config.json).
-_WORKDIR_MARKS = ("config.json", "checkpoints")
+# What a jaxssl workdir holds from its first moments (the lock, then checkpoints/, then
+# config.json).
+_WORKDIR_MARKS = ("config.json", "checkpoints", LOCK_NAME)
 
 
 def _prepare_workdir(workdir: str) -> str:
@@ -239,21 +241,34 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     """
     stream = stream or sys.stdout
     main = jax.process_index() == 0
+    say = _Say(stream if main else None)
 
-    def say(text: str) -> None:
-        if main:
-            bar.message(text) if bar else print(text, file=stream, flush=True)
-
-    bar = None
     configuration.validate(config)
     mesh = mesh or parallel.make_mesh()
     n_dev = mesh.shape[parallel.DATA_AXIS]
+    lock = None
 
     def check_workdir():
+        nonlocal lock
         path = _prepare_workdir(workdir)
+        if main:  # before anything in the workdir is read or written
+            lock = WorkdirLock(path)
+            note = lock.acquire()
+            if note:
+                say(note)
         return path, _config_changes(config, path, n_dev, allow_config_change)
 
-    workdir, changed = _same_on_every_process(check_workdir)
+    try:
+        workdir, changed = _same_on_every_process(check_workdir)
+        return _train(config, workdir, mesh, n_dev, changed, lock, stop_at_step, stream, say)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config, workdir, mesh, n_dev, changed, lock, stop_at_step, stream, say):
+    """train() in a checked workdir this run holds the lock of."""
+    main = jax.process_index() == 0
     exp = experiment.build(config, mesh, with_eval=config.eval.knn)
     d, m = config.data, config.model
     train_source, eval_source = exp.train_source, exp.eval_source
@@ -341,6 +356,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     end = total_steps if stop_at_step is None else min(total_steps, stop_at_step)
     status, last_good, last_knn = "done", (start or None), None
     bar = ProgressBar(total_steps, config.batch_size, stream=stream) if main else None
+    say.bar = bar
     batches = pipeline.make_pipeline(
         train_source, global_batch=config.batch_size, seed=config.seed, mode=d.augment,
         recipe=exp.recipe, out_size=d.out_size, start_step=start, num_steps=end - start,
@@ -391,6 +407,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
                             tb.scalars(n, {k: v for k, v in record.items() if k != "step"})
                         if eval_now or not bar.live:
                             say(_log_line(record, total_steps, config.batch_size))
+                if save_now and distributed.any_process(lock is not None and lock.lost):
+                    raise ConfigError(
+                        f"another run took over the lock of workdir {workdir} (this run's "
+                        "heartbeat had stopped for longer than the lock's expiry: was it "
+                        f"suspended?); stopping without saving step {n}, so as not to "
+                        "overwrite that run's checkpoints")
                 if save_now:
                     ckpt.save(n, state, {"eval/knn_top1": last_knn} if eval_now else None)
                     last_good = n
@@ -434,6 +456,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
                 f"{result.knn_top1:.4f}, at random initialisation {init:.4f}")
         say(f"done: {final_step} steps; outputs in {workdir}")
     return result
+
+
+class _Say:
+    """Print a message (process 0 only: the others are given no stream), above the progress
+    bar once there is one."""
+
+    def __init__(self, stream: TextIO | None):
+        self.stream, self.bar = stream, None
+
+    def __call__(self, text: str) -> None:
+        if self.stream is None:
+            return
+        if self.bar is not None:
+            self.bar.message(text)
+        else:
+            print(text, file=self.stream, flush=True)
 
 
 def _log_line(record: dict[str, Any], total: int, batch: int) -> str:

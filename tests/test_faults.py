@@ -16,6 +16,7 @@ import pytest
 from jaxssl import train
 from jaxssl.checkpoint import Checkpointer
 from jaxssl.configuration import ConfigError
+from jaxssl.lock import LOCK_NAME, WorkdirLock
 from test_train import tiny_config
 
 STEPS = [("num_steps", "2"), ("checkpoint_every_steps", "1"), ("eval.knn", "false"),
@@ -36,21 +37,23 @@ def _copy(trained, tmp_path):
 
 
 
+def _files(workdir):
+    """{path: mtime} of the run's files (the lock, rewritten by every run that holds it, aside)."""
+    return {os.path.relpath(os.path.join(r, n), workdir): os.path.getmtime(os.path.join(r, n))
+            for r, _, ns in os.walk(workdir) for n in ns if n != LOCK_NAME}
+
 @pytest.mark.parametrize("field,value", [("model.encoder", "resnet34"), ("model.out_dim", "16"),
                                          ("method", "moco")])
 def test_a_checkpoint_of_another_model_is_refused(trained, tmp_path, field, value):
     """Before: every mismatch was taken for an online-probe change and a partial restore
     trained a ResNet-18 from part of a ResNet-34's weights, exit 0."""
     workdir = _copy(trained, tmp_path)
-    before = {os.path.relpath(os.path.join(r, n), workdir): os.path.getmtime(os.path.join(r, n))
-              for r, _, ns in os.walk(workdir) for n in ns}
+    before = _files(workdir)
     with pytest.raises(ConfigError, match="step 2 .* is of a different model") as e:
         train.train(tiny_config(*STEPS, (field, value)), str(workdir), stream=io.StringIO(),
                     allow_config_change=True)  # past the config check: the checkpoint's own
     assert "\n" not in str(e.value)
-    after = {os.path.relpath(os.path.join(r, n), workdir): os.path.getmtime(os.path.join(r, n))
-             for r, _, ns in os.walk(workdir) for n in ns}
-    assert after == before  # nothing written, nothing removed
+    assert _files(workdir) == before  # nothing written, nothing removed
 
 
 def _damage_data(step_dir):
@@ -100,9 +103,6 @@ def test_every_checkpoint_damaged_is_one_line(trained, tmp_path):
     assert sorted(n.split(".")[0] for n in os.listdir(workdir / "damaged_checkpoints")) == ["1", "2"]
 
 
-def _files(workdir):
-    return {os.path.relpath(os.path.join(r, n), workdir): os.path.getmtime(os.path.join(r, n))
-            for r, _, ns in os.walk(workdir) for n in ns}
 
 
 @pytest.mark.parametrize("changes", [
@@ -168,6 +168,40 @@ def test_another_processs_write_test_is_not_a_foreign_file(tmp_path):
     (workdir / "theirs.txt").write_text("x")
     with pytest.raises(ConfigError, match="holds no jaxssl run"):
         train._prepare_workdir(str(workdir))
+
+
+def test_a_second_run_in_a_live_workdir_is_refused_and_touches_nothing(trained, tmp_path):
+    """Before: two runs started 3 s apart wrote metrics.jsonl steps 1-4 twice, and one died in
+    orbax's clean-up of the other's checkpoint. The first run is stood in for by its lock, held
+    here; the second is the CLI, as a user would start it."""
+    import subprocess
+    import sys
+
+    workdir = _copy(trained, tmp_path)
+    before = _files(workdir)
+    metrics = (workdir / "metrics.jsonl").read_text()
+    first = WorkdirLock(str(workdir))
+    first.acquire()
+    try:
+        with pytest.raises(ConfigError, match=f"in use by another jaxssl run \\(pid {os.getpid()}"):
+            train.train(tiny_config(*STEPS, ("num_steps", "4")), str(workdir),
+                        stream=io.StringIO())
+        out = subprocess.run(
+            [sys.executable, "-m", "jaxssl", "train", "--config", "demo", "--workdir",
+             str(workdir), *[f"--config.{k}={v}" for k, v in STEPS]],
+            capture_output=True, text=True, timeout=300,
+            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    finally:
+        first.release()
+    assert out.returncode == 2, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith(f"jaxssl: error: workdir {workdir} is in use by another jaxssl run "
+                           f"(pid {os.getpid()} on host ") and "--workdir" in line, line
+    assert _files(workdir) == before and (workdir / "metrics.jsonl").read_text() == metrics
+    # Released: the next run goes on (a longer run, from the checkpoint at step 2).
+    result = train.train(tiny_config(*STEPS, ("num_steps", "3")), str(workdir),
+                         stream=io.StringIO(), allow_config_change=True)
+    assert result.status == "done" and result.step == 3
 
 
 def test_a_nan_in_the_online_probe_stops_before_it_is_saved(trained, tmp_path, monkeypatch):
