@@ -17,9 +17,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from jaxssl import files
 from jaxssl.configuration import _one_line
 
-__all__ = ["Checkpointer", "IncompatibleCheckpointError", "DamagedCheckpointError"]
+__all__ = ["Checkpointer", "IncompatibleCheckpointError", "DamagedCheckpointError",
+           "CheckpointWriteError"]
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -29,6 +31,23 @@ class IncompatibleCheckpointError(ValueError):
 class DamagedCheckpointError(RuntimeError):
     """A checkpoint whose files cannot be read (truncated, corrupted, unreadable metadata): a
     fault of the storage, not another model; an older checkpoint may still restore."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a file-size limit, lost permissions or
+    credentials). The message is one line: the step, why, and the newest complete checkpoint,
+    which is intact."""
+
+
+def _write_reason(e: BaseException) -> str:
+    """Why a write failed, in a few words: the OS's reason where tensorstore or Python names an
+    errno, else the error's first line."""
+    code = re.search(r"os_error_code='?(\d+)", str(e))
+    if code:
+        return f"{os.strerror(int(code.group(1)))} (errno {code.group(1)})"
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror} (errno {e.errno})"
+    return _one_line(e)
 
 
 def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -83,6 +102,8 @@ class Checkpointer:
                 get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min",
                 n=1, keep_checkpoints_without_metrics=False))
         self.directory = directory if "://" in directory else os.path.abspath(directory)
+        self._saving: int | None = None  # the step of the newest save started
+        self._failure: CheckpointWriteError | None = None
         # Replica-parallel saving splits each replicated array into one slice per device so the
         # hosts of a pod share the writing; within one process it only adds a sliced copy per
         # device and leaf (seconds per save for a ResNet on 8 CPU devices), so it is used only
@@ -113,10 +134,50 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any, metrics: dict[str, float] | None = None) -> None:
-        """Start saving `state` as `step` (returns before the write ends when async)."""
+        """Start saving `state` as `step` (returns before the write ends when async).
+        CheckpointWriteError when this save, or the previous asynchronous one, failed."""
+        self.wait()  # orbax waits for the save under way too: this names its step if it failed
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-        self._manager.save(int(step), args=ocp.args.PyTreeSave(state), metrics=metrics,
-                           force=True)
+        self._saving = int(step)
+        try:
+            self._manager.save(int(step), args=ocp.args.PyTreeSave(state), metrics=metrics,
+                               force=True)
+        except Exception as e:
+            raise self._failed(e) from e
+
+    def failure(self) -> str | None:
+        """Without blocking: the one-line message of a save that failed in the background (it
+        stays reported), or None."""
+        if self._failure is None:
+            try:
+                self._manager.check_for_errors()
+            except Exception as e:
+                self._failed(e)
+        return None if self._failure is None else str(self._failure)
+
+    def check(self) -> None:
+        """CheckpointWriteError if a save has failed (without waiting for the one under way)."""
+        if self.failure() is not None:
+            raise self._failure
+
+    def _failed(self, e: BaseException) -> CheckpointWriteError:
+        if self._failure is None:
+            done = self._complete_steps()
+            kept = (f"the newest complete checkpoint, step {done[-1]}, is intact and a rerun "
+                    "resumes from it" if done else "no complete checkpoint was written")
+            self._failure = CheckpointWriteError(
+                f"saving the checkpoint at step {self._saving} in {self.directory} failed: "
+                f"{_write_reason(e)}; {kept}; free space (or lift the limit) and run the same "
+                "command again")
+            self._failure.__cause__ = e
+        return self._failure
+
+    def _complete_steps(self) -> list[int]:
+        try:
+            names = files.listdir(self.directory) if files.isdir(self.directory) else []
+        except Exception:
+            return []
+        return sorted(int(n) for n in names if n.isdigit())
 
     def _step_and_abstract(self, step: int | None, template: Any):
         """(step, or the latest; the template as ShapeDtypeStructs with its shardings)."""
@@ -196,9 +257,25 @@ class Checkpointer:
             partial_restore=True))
 
     def wait(self) -> None:
-        """Block until every pending asynchronous save has been written."""
-        self._manager.wait_until_finished()
+        """Block until every pending asynchronous save has been written; CheckpointWriteError
+        if one failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise self._failed(e) from e
+        self.check()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Wait for the saves under way and release the manager. A failed save is not raised
+        here (close runs on the way out of errors; call wait() to learn of it)."""
+        try:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception as e:
+            self._failed(e)
+        try:
+            self._manager.close()
+        except Exception as e:
+            if self._failure is None:
+                raise
+            del e  # the write error already recorded explains it

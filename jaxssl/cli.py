@@ -129,6 +129,82 @@ def _distributed_flags(parser: argparse.ArgumentParser) -> None:
                         "this time (default 300)")
 
 
+class _BackgroundNoise:
+    """While installed: the tracebacks that orbax's background writer and tensorstore's
+    callbacks print when a checkpoint write fails are left out (hundreds of lines: the absl
+    ERROR record of the writer thread, and "RuntimeError: Event loop is closed" for each write
+    still under way, printed by tensorstore straight to sys.stderr); the trainer reports that
+    failure in one line. Every other line passes unchanged. JAXSSL_DEBUG=1 shows them all."""
+
+    DROPPED = ("RuntimeError: Event loop is closed",)
+
+    def __init__(self):
+        import threading
+
+        self.active = not os.environ.get("JAXSSL_DEBUG")
+        self.lock = threading.Lock()
+        self.block: list[str] | None = None  # a traceback being held back until its last line
+        self.pending = ""
+
+    def filter(self, record) -> bool:  # a logging filter on the absl logger
+        return not (record.levelno >= 40 and record.exc_info is not None
+                    and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+    # sys.stderr while installed
+    def write(self, text: str) -> int:
+        with self.lock:
+            if self.block is None and "Traceback" not in text and not self.pending:
+                return self.stream.write(text)
+            self.pending += text
+            *lines, self.pending = self.pending.split("\n")
+            for line in lines:
+                self._line(line + "\n")
+            if self.block is None and self.pending and not "Traceback".startswith(
+                    self.pending[:9]):
+                self.stream.write(self.pending)  # a partial line outside a traceback
+                self.pending = ""
+        return len(text)
+
+    def _line(self, line: str) -> None:
+        if self.block is None:
+            if line.startswith("Traceback (most recent call last):"):
+                self.block = [line]
+            else:
+                self.stream.write(line)
+            return
+        self.block.append(line)
+        if not line.startswith((" ", "Traceback", "\n")) and not line.startswith(
+                ("During handling", "The above exception")):
+            if not line.startswith(self.DROPPED):
+                self.stream.write("".join(self.block))
+            self.block = None
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def __enter__(self):
+        if self.active:
+            import logging
+
+            logging.getLogger("absl").addFilter(self)
+            self.stream, sys.stderr = sys.stderr, self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            import logging
+
+            logging.getLogger("absl").removeFilter(self)
+            with self.lock:
+                if self.block or self.pending:  # an unfinished block: nothing is lost
+                    self.stream.write("".join(self.block or []) + self.pending)
+                self.block, self.pending = None, ""
+            sys.stderr = self.stream
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxssl", description=(
         "Self-supervised contrastive pretraining (SimCLR, MoCo v2) in JAX."))
@@ -170,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from jaxssl.configuration import ConfigError
     try:
-        return args.run(args, overrides)
+        with _BackgroundNoise():
+            return args.run(args, overrides)
     except ConfigError as e:
         print(f"jaxssl: error: {e}", file=sys.stderr)
         return 2
@@ -178,10 +255,11 @@ def main(argv: list[str] | None = None) -> int:
         print("jaxssl: aborted; the last complete checkpoint is kept", file=sys.stderr)
         return 130
     except Exception as e:
+        from jaxssl.checkpoint import CheckpointWriteError
         from jaxssl.evaluate.features import NonFiniteFeaturesError
         from jaxssl.train import TrainingDiverged
 
-        if isinstance(e, (TrainingDiverged, NonFiniteFeaturesError)):
+        if isinstance(e, (TrainingDiverged, NonFiniteFeaturesError, CheckpointWriteError)):
             print(f"jaxssl: {e}", file=sys.stderr)
             return 1
         raise

@@ -17,7 +17,8 @@ import os
 import jax
 import numpy as np
 
-__all__ = ["initialize", "launcher", "any_process", "processes_where", "barrier"]
+__all__ = ["initialize", "launcher", "any_process", "processes_where", "any_process_each",
+           "barrier"]
 
 
 def launcher() -> str | None:
@@ -119,6 +120,16 @@ def processes_where(flag: bool) -> list[int]:
 
     flags = np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).reshape(-1)
     return [int(i) for i in np.flatnonzero(flags)]
+
+
+def any_process_each(*flags: bool) -> tuple[bool, ...]:
+    """For each flag, whether it is true on any process (one collective for all of them)."""
+    if jax.process_count() == 1:
+        return tuple(bool(f) for f in flags)
+    from jax.experimental import multihost_utils
+
+    told = np.asarray(multihost_utils.process_allgather(np.array(flags, np.int32)))
+    return tuple(bool(x) for x in told.reshape(-1, len(flags)).max(axis=0))
 
 
 def any_process(flag: bool) -> bool:

@@ -24,7 +24,7 @@ import jax
 import ml_collections
 
 from jaxssl import configuration, distributed, experiment, files, parallel
-from jaxssl.checkpoint import Checkpointer, DamagedCheckpointError
+from jaxssl.checkpoint import CheckpointWriteError, Checkpointer, DamagedCheckpointError
 from jaxssl.configuration import ConfigError
 from jaxssl.data import pipeline, preview
 from jaxssl.evaluate.features import FeatureExtractor
@@ -383,7 +383,15 @@ def _train(config, workdir, mesh, n_dev, changed, lock, stop_at_step, stream, sa
                 eval_now = knn_on and (n % config.eval_every_steps == 0 or n == total_steps)
                 # Read once (a signal may land at any line below), and agreed by every process:
                 # a preemption notice on any of them makes all save this same step and exit.
-                stopping = distributed.any_process(bool(stop))
+                # A save that failed in the background ends the run now, not at the next save
+                # (which may be thousands of steps later), on every process alike.
+                failure = ckpt.failure()
+                stopping, save_failed = distributed.any_process_each(bool(stop),
+                                                                     failure is not None)
+                if save_failed:
+                    raise CheckpointWriteError(failure or (
+                        "saving a checkpoint failed on another process (its output says why); "
+                        "the newest complete checkpoint is intact and a rerun resumes from it"))
                 save_now = n % config.checkpoint_every_steps == 0 or n == end or stopping
                 if n == start + 1 or log_now or eval_now or save_now:
                     values = _finite_values(*pending, last_good, ckpt_dir)

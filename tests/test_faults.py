@@ -17,7 +17,7 @@ from jaxssl import train
 from jaxssl.checkpoint import Checkpointer
 from jaxssl.configuration import ConfigError
 from jaxssl.lock import LOCK_NAME, WorkdirLock
-from test_train import tiny_config
+from test_train import TINY, tiny_config
 
 STEPS = [("num_steps", "2"), ("checkpoint_every_steps", "1"), ("eval.knn", "false"),
          ("log_every_steps", "1")]
@@ -202,6 +202,85 @@ def test_a_second_run_in_a_live_workdir_is_refused_and_touches_nothing(trained, 
     result = train.train(tiny_config(*STEPS, ("num_steps", "3")), str(workdir),
                          stream=io.StringIO(), allow_config_change=True)
     assert result.status == "done" and result.step == 3
+
+
+def test_a_checkpoint_write_that_fails_in_the_background_ends_the_run_in_one_line(tmp_path):
+    """Before: an async save that failed (a full disk, simulated by a file-size limit) surfaced
+    only at the next save, as a 747-line traceback, and a failed final save printed 3,693 lines.
+    Now the run ends at the step it is noticed, at the next save at the latest, with one line
+    naming the step that failed; the limit lets config.json and the preview through, and stops
+    every checkpoint's data file (~170 KB for this model)."""
+    import resource
+    import subprocess
+    import sys
+
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (120_000, 120_000))  # noqa: E731
+    workdir = tmp_path / "run"
+    args = [("num_steps", "6"), ("checkpoint_every_steps", "2"), ("eval.knn", "false"),
+            ("log_every_steps", "1")]
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxssl", "train", "--config", "demo", "--workdir", str(workdir),
+         *[f"--config.{k}={v}" for k, v in TINY + args]],
+        capture_output=True, text=True, timeout=300, preexec_fn=limit,
+        env={k: v for k, v in dict(os.environ, JAX_PLATFORMS="cpu").items()
+             if k != "JAXSSL_DEBUG"})
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines() == [
+        f"jaxssl: saving the checkpoint at step 2 in {workdir}/checkpoints failed: File too "
+        "large (errno 27); no complete checkpoint was written; free space (or lift the limit) "
+        "and run the same command again"], out.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")]
+    assert steps[-1] <= 4 and "done" not in out.stdout  # not on to the end
+    assert not [n for n in os.listdir(workdir / "checkpoints") if n.isdigit()]
+
+
+@pytest.mark.parametrize("failing,kept", [
+    (2, "the newest complete checkpoint, step 1, is intact and a rerun resumes from it"),
+    (1, "no complete checkpoint was written")])
+def test_a_failed_save_names_its_step_and_the_checkpoint_kept(tmp_path, monkeypatch, failing,
+                                                              kept):
+    # The last save of the run (step 2) and the first (step 1): orbax raises at once here.
+    import orbax.checkpoint as ocp
+
+    from jaxssl.checkpoint import CheckpointWriteError
+
+    real_save = ocp.CheckpointManager.save
+
+    def save(self, step, *args, **kwargs):
+        if step == failing:
+            raise OSError(28, "No space left on device")
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    workdir = tmp_path / "run"
+    with pytest.raises(CheckpointWriteError) as e:
+        train.train(tiny_config(*STEPS), str(workdir), stream=io.StringIO())
+    assert str(e.value) == (
+        f"saving the checkpoint at step {failing} in {workdir}/checkpoints failed: No space left "
+        f"on device (errno 28); {kept}; free space (or lift the limit) and run the same command "
+        "again")
+    lock = WorkdirLock(str(workdir))  # released on the way out
+    assert lock.acquire() is None
+    lock.release()
+
+
+def test_orbaxs_background_noise_is_left_out_and_the_rest_kept(monkeypatch):
+    from jaxssl import cli
+
+    sink = io.StringIO()
+    monkeypatch.delenv("JAXSSL_DEBUG", raising=False)
+    monkeypatch.setattr("sys.stderr", sink)
+    noise = ('Traceback (most recent call last):\n  File "base_events.py", line 806, in '
+             'call_soon_threadsafe\n    self._check_closed()\nRuntimeError: Event loop is '
+             'closed\n')
+    other = ('Traceback (most recent call last):\n  File "x.py", line 1, in f\nValueError: '
+             'kept\n')
+    with cli._BackgroundNoise():
+        import sys
+
+        for piece in [noise[:40], noise[40:], "a warning\n", other, "partial", noise, "Trace"]:
+            sys.stderr.write(piece)
+    assert sink.getvalue() == "a warning\n" + other + "partial" + "Trace"
 
 
 def test_a_nan_in_the_online_probe_stops_before_it_is_saved(trained, tmp_path, monkeypatch):
