@@ -60,9 +60,11 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         if how is None:
             return None
     if how == "flags" and process_id != 0:
-        # JAX's client aborts the whole process (no exception) when the coordinator never
-        # answers: find out first, with a clear error.
+        # JAX's client aborts the whole process (no exception, a C++ stack) when the coordinator
+        # never answers, or when what answers is not a coordinator: find out first.
         _wait_for(coordinator, timeout_s)
+    elif how == "flags":
+        _port_free(coordinator)
     # CPU processes exchange collectives over gloo (the test bed: N processes on one machine);
     # GPUs and TPUs use their own interconnect and ignore this.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -92,8 +94,14 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     return how
 
 
+# The start of an HTTP/2 connection (RFC 9113 section 3.4): the client preface and an empty
+# SETTINGS frame. JAX's coordinator is a gRPC server: it answers with its own SETTINGS frame.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
 def _wait_for(address: str, timeout_s: int) -> None:
-    """Return once HOST:PORT accepts a connection; ValueError after timeout_s."""
+    """Return once HOST:PORT accepts a connection and answers as an HTTP/2 (gRPC) server does;
+    ValueError after timeout_s, or at once when what answers is something else."""
     import socket
     import time
 
@@ -101,14 +109,55 @@ def _wait_for(address: str, timeout_s: int) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with socket.create_connection((host, int(port)), timeout=2):
+            with socket.create_connection((host, int(port)), timeout=2) as conn:
+                conn.settimeout(10)
+                conn.sendall(_HTTP2_PREFACE)
+                reply = b""
+                try:
+                    while len(reply) < 9:
+                        chunk = conn.recv(9 - len(reply))
+                        if not chunk:
+                            break
+                        reply += chunk
+                except OSError:
+                    pass
+                if len(reply) < 9 or reply[3] != 4:  # no frame, or not SETTINGS
+                    raise _NotACoordinator(
+                        f"something answers at {address}, but not as JAX's coordinator does "
+                        f"(no gRPC reply: {reply[:16]!r}); --coordinator must be process 0's "
+                        "address and a port nothing else uses")
                 return
+        except _NotACoordinator as e:
+            raise ValueError(str(e)) from None
         except (OSError, ValueError) as e:
             if time.monotonic() > deadline:
                 raise ValueError(
                     f"the coordinator {address} did not answer within {timeout_s} s ({e}); start "
                     "process 0 there (--process_id 0), or fix --coordinator") from e
             time.sleep(0.5)
+
+
+class _NotACoordinator(Exception):
+    pass
+
+
+def _port_free(address: str) -> None:
+    """Process 0 serves the coordinator at the port of `address`: ValueError (one line) when
+    another program on this machine listens there already (JAX would abort with a C++ stack)."""
+    import errno
+    import socket
+
+    port = int(address.rpartition(":")[2])
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                return  # not ours to judge (e.g. a privileged port): JAX says what it finds
+            raise ValueError(
+                f"port {port} of --coordinator {address} is in use on this machine (another "
+                "job, or a previous run still exiting); give every process another port") from None
 
 
 def processes_where(flag: bool) -> list[int]:

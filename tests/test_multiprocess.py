@@ -193,6 +193,39 @@ def test_an_unreachable_coordinator_is_a_clear_error_in_bounded_time(tmp_path):
     assert _one_line_error(proc, "did not answer within 5 s", 5) < 90
 
 
+def test_a_coordinator_port_answered_by_another_program_is_a_clear_error(tmp_path):
+    """Before: process 1 connected to a port where something else listened, and JAX aborted it
+    (exit 134, a C++ stack) after about 16 s. Here an HTTP/1.1 server holds the port."""
+    import threading
+
+    server = socket.socket()
+    server.bind(("localhost", 0))
+    server.listen()
+    port = server.getsockname()[1]
+
+    def answer():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        # Process 1 finds out that it is not a coordinator; process 0 that the port is taken.
+        proc = _spawn(tmp_path / "w", 1, port, timeout=60)
+        assert _one_line_error(proc, "answers at localhost:%d, but not as JAX's coordinator" % port,
+                               10) < 60
+        proc = _spawn(tmp_path / "w", 0, port, timeout=60)
+        assert _one_line_error(proc, f"port {port} of --coordinator localhost:{port} is in use",
+                               10) < 60
+    finally:
+        server.close()
+
+
 def test_mismatched_process_counts_are_a_clear_error_in_bounded_time(tmp_path):
     port = _free_port()
     procs = [_spawn(tmp_path / "w", 0, port, num_processes=2, timeout=8),
