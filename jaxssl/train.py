@@ -27,7 +27,7 @@ from jaxssl import configuration, distributed, experiment, files, parallel
 from jaxssl.checkpoint import CheckpointWriteError, Checkpointer, DamagedCheckpointError
 from jaxssl.configuration import ConfigError
 from jaxssl.data import pipeline, preview
-from jaxssl.evaluate.features import FeatureExtractor
+from jaxssl.evaluate.features import EvaluationInterrupted, FeatureExtractor
 from jaxssl.evaluate.knn import knn_top1
 from jaxssl.lock import LOCK_NAME, WorkdirLock
 from jaxssl.preemption import StopRequest
@@ -309,11 +309,12 @@ def _train(config, workdir, mesh, n_dev, changed, lock, stop_at_step, stream, sa
     if tb and start:
         tb.restart(start + 1)
 
-    # The kNN monitor: eval-mode backbone features of a labelled bank and query set.
-    def evaluate_knn(st) -> float:
+    # The kNN monitor: eval-mode backbone features of a labelled bank and query set. `stop`
+    # (agreed by all processes) is asked between batches: EvaluationInterrupted ends it early.
+    def evaluate_knn(st, stop) -> float:
         # The bank stays split over the devices, padded (a million features fit that way).
-        bank = extract(st.params, st.batch_stats, train_source, bank_idx, padded=True)
-        queries = extract(st.params, st.batch_stats, eval_source, query_idx)
+        bank = extract(st.params, st.batch_stats, train_source, bank_idx, padded=True, stop=stop)
+        queries = extract(st.params, st.batch_stats, eval_source, query_idx, stop=stop)
         return knn_top1(bank, train_source.labels[bank_idx], queries, eval_source.labels[query_idx],
                         num_classes=num_classes, k=config.eval.knn_k,
                         temperature=config.eval.knn_temperature, mesh=mesh,
@@ -332,119 +333,158 @@ def _train(config, workdir, mesh, n_dev, changed, lock, stop_at_step, stream, sa
         say("note: kNN evaluation is off: it needs labelled train and eval data "
             f"({d.source} gives none)")
 
-    if start:
-        say(f"resuming from the checkpoint at step {start} of {total_steps} in {ckpt_dir}")
-    else:
-        say(f"training {m.encoder} (width {m.width}) with "
-            f"{configuration.METHODS[config.method]} on {train_source.name}: "
-            f"{total_steps} steps of batch {config.batch_size} ({steps_per_epoch} steps/epoch) "
-            f"on {n_dev} {jax.devices()[0].platform} device(s); workdir {workdir}")
-        if main:
-            preview.write_preview(files.join(workdir, "augment_preview.png"), train_source,
-                                  exp.recipe, d.out_size, seed=config.seed,
-                                  mode="device" if d.augment == "device" else "host")
-        if knn_on:
-            t0 = time.perf_counter()
-            init_top1 = evaluate_knn(state)
-            say(f"kNN top-1 at initialisation: {init_top1:.4f} ({time.perf_counter() - t0:.0f} s)")
-            if main:
-                record = {"step": 0, "epoch": 0.0, "eval/knn_top1": init_top1}
-                log.write(record)
-                if tb:
-                    tb.scalars(0, {"eval/knn_top1": init_top1})
-
     end = total_steps if stop_at_step is None else min(total_steps, stop_at_step)
     status, last_good, last_knn = "done", (start or None), None
-    bar = ProgressBar(total_steps, config.batch_size, stream=stream) if main else None
-    say.bar = bar
-    batches = pipeline.make_pipeline(
-        train_source, global_batch=config.batch_size, seed=config.seed, mode=d.augment,
-        recipe=exp.recipe, out_size=d.out_size, start_step=start, num_steps=end - start,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        prefetch=d.prefetch, threads=d.threads or None)
-    fields = ("images" if d.augment == "device" else "views",) + (
-        ("labels",) if exp.probe_tx is not None else ())
-    pending = None  # (step, metrics) of the newest step whose values are not yet checked
-    values, rate = None, None
-    window_start, window_steps = time.perf_counter(), 0
+    eval_due = lambda n: knn_on and (n % config.eval_every_steps == 0  # noqa: E731
+                                     or n == total_steps)
+    batches = bar = None
+    # From here a SIGTERM or Ctrl-C is a request, looked at after each step and between the
+    # batches of every evaluation (a kNN pass over a large bank takes minutes; a preempted
+    # TPU VM has about 30 s).
+    stop = StopRequest().__enter__()
+    stop_agreed = lambda: distributed.any_process(bool(stop))  # noqa: E731
     try:
-        with StopRequest() as stop:
-            for step in range(start, end):
-                batch = next(batches)
-                batch = parallel.host_to_global({f: batch[f] for f in fields}, mesh)
-                state, metrics = train_step(state, batch, train_key)
-                n = step + 1
-                # Check the previous step while this one runs: one step of lag keeps the device
-                # busy and still stops before a non-finite state is ever saved.
-                if pending is not None:
-                    values = _finite_values(*pending, last_good, ckpt_dir)
-                pending = (n, metrics)
-                log_now = n % config.log_every_steps == 0 or n == total_steps
-                eval_now = knn_on and (n % config.eval_every_steps == 0 or n == total_steps)
-                # Read once (a signal may land at any line below), and agreed by every process:
-                # a preemption notice on any of them makes all save this same step and exit.
-                # A save that failed in the background ends the run now, not at the next save
-                # (which may be thousands of steps later), on every process alike.
-                failure = ckpt.failure()
-                stopping, save_failed = distributed.any_process_each(bool(stop),
-                                                                     failure is not None)
-                if save_failed:
-                    raise CheckpointWriteError(failure or (
-                        "saving a checkpoint failed on another process (its output says why); "
-                        "the newest complete checkpoint is intact and a rerun resumes from it"))
-                save_now = n % config.checkpoint_every_steps == 0 or n == end or stopping
-                if n == start + 1 or log_now or eval_now or save_now:
-                    values = _finite_values(*pending, last_good, ckpt_dir)
-                    pending = None
-                if n == start + 1:  # the first step compiled: time from here
-                    window_start, window_steps = time.perf_counter(), 0
-                else:
-                    window_steps += 1
-                if log_now or eval_now:
-                    elapsed = time.perf_counter() - window_start
-                    rate = config.batch_size * window_steps / elapsed if window_steps else rate
-                    record = {"step": n, "epoch": n / steps_per_epoch,
-                              "train/lr": float(schedule(step)), **values}
-                    if rate:
-                        record["train/images_per_sec"] = rate
-                    if eval_now:
-                        last_knn = record["eval/knn_top1"] = evaluate_knn(state)
+        try:
+            if start:
+                say(f"resuming from the checkpoint at step {start} of {total_steps} in "
+                    f"{ckpt_dir}")
+                # A stop during the evaluation of step `start` saved that step without it:
+                # evaluate it now, so the log reads as one uninterrupted run.
+                missing = main and eval_due(start) and not any(
+                    r.get("step") == start and "eval/knn_top1" in r for r in log.read())
+                if distributed.any_process(missing):
+                    last_knn = evaluate_knn(state, stop_agreed)
+                    say(f"kNN top-1 at step {start} (its evaluation was interrupted): "
+                        f"{last_knn:.4f}")
                     if main:
-                        log.write(record)
+                        log.update(start, {"eval/knn_top1": last_knn})
                         if tb:
-                            tb.scalars(n, {k: v for k, v in record.items() if k != "step"})
-                        if eval_now or not bar.live:
-                            say(_log_line(record, total_steps, config.batch_size))
-                if save_now and distributed.any_process(lock is not None and lock.lost):
-                    raise ConfigError(
-                        f"another run took over the lock of workdir {workdir} (this run's "
-                        "heartbeat had stopped for longer than the lock's expiry: was it "
-                        f"suspended?); stopping without saving step {n}, so as not to "
-                        "overwrite that run's checkpoints")
-                if save_now:
-                    ckpt.save(n, state, {"eval/knn_top1": last_knn} if eval_now else None)
-                    last_good = n
-                if log_now or eval_now or save_now:
-                    window_start, window_steps = time.perf_counter(), 0
-                if bar and values:
-                    # Between log steps, the rate of the current window (steps up to n - 1
-                    # are done: the lagged check above waited for them).
-                    live = time.perf_counter() - window_start
-                    live_rate = (config.batch_size * (window_steps - 1) / live
-                                 if window_steps > 1 and live > 0 else rate)
-                    bar.update(n, live_rate, values["train/loss"])
-                if stopping:
-                    status = "preempted"
-                    ckpt.wait()
-                    what = stop.signal_name or "a stop request on another process"
-                    say(f"received {what}: saved a checkpoint at step {n} in "
-                        f"{ckpt_dir}; run the same command again to continue")
-                    break
+                            tb.scalars(start, {"eval/knn_top1": last_knn})
             else:
+                say(f"training {m.encoder} (width {m.width}) with "
+                    f"{configuration.METHODS[config.method]} on {train_source.name}: "
+                    f"{total_steps} steps of batch {config.batch_size} ({steps_per_epoch} "
+                    f"steps/epoch) on {n_dev} {jax.devices()[0].platform} device(s); workdir "
+                    f"{workdir}")
+                if main:
+                    preview.write_preview(files.join(workdir, "augment_preview.png"),
+                                          train_source, exp.recipe, d.out_size, seed=config.seed,
+                                          mode="device" if d.augment == "device" else "host")
+                if knn_on:
+                    t0 = time.perf_counter()
+                    init_top1 = evaluate_knn(state, stop_agreed)
+                    say(f"kNN top-1 at initialisation: {init_top1:.4f} "
+                        f"({time.perf_counter() - t0:.0f} s)")
+                    if main:
+                        log.write({"step": 0, "epoch": 0.0, "eval/knn_top1": init_top1})
+                        if tb:
+                            tb.scalars(0, {"eval/knn_top1": init_top1})
+        except EvaluationInterrupted:
+            what = stop.signal_name or "a stop request on another process"
+            kept = (f"the checkpoint at step {start} is kept" if start
+                    else "nothing was trained yet")
+            say(f"received {what} during the kNN evaluation before training: {kept}; run the "
+                "same command again to continue")
+            status = "preempted"
+            end = start  # no step
+        bar = ProgressBar(total_steps, config.batch_size, stream=stream) if main else None
+        say.bar = bar
+        batches = pipeline.make_pipeline(
+            train_source, global_batch=config.batch_size, seed=config.seed, mode=d.augment,
+            recipe=exp.recipe, out_size=d.out_size, start_step=start,
+            num_steps=max(end - start, 0), process_index=jax.process_index(),
+            process_count=jax.process_count(), prefetch=d.prefetch,
+            threads=d.threads or None)
+        fields = ("images" if d.augment == "device" else "views",) + (
+            ("labels",) if exp.probe_tx is not None else ())
+        pending = None  # (step, metrics) of the newest step whose values are not yet checked
+        values, rate = None, None
+        window_start, window_steps = time.perf_counter(), 0
+        for step in range(start, end):
+            batch = next(batches)
+            batch = parallel.host_to_global({f: batch[f] for f in fields}, mesh)
+            state, metrics = train_step(state, batch, train_key)
+            n = step + 1
+            # Check the previous step while this one runs: one step of lag keeps the device
+            # busy and still stops before a non-finite state is ever saved.
+            if pending is not None:
+                values = _finite_values(*pending, last_good, ckpt_dir)
+            pending = (n, metrics)
+            log_now = n % config.log_every_steps == 0 or n == total_steps
+            eval_now = eval_due(n)
+            # Read once (a signal may land at any line below), and agreed by every process:
+            # a preemption notice on any of them makes all save this same step and exit.
+            # A save that failed in the background ends the run now, not at the next save
+            # (which may be thousands of steps later), on every process alike.
+            failure = ckpt.failure()
+            stopping, save_failed = distributed.any_process_each(bool(stop), failure is not None)
+            if save_failed:
+                raise CheckpointWriteError(failure or (
+                    "saving a checkpoint failed on another process (its output says why); "
+                    "the newest complete checkpoint is intact and a rerun resumes from it"))
+            save_now = n % config.checkpoint_every_steps == 0 or n == end or stopping
+            if n == start + 1 or log_now or eval_now or save_now:
+                values = _finite_values(*pending, last_good, ckpt_dir)
+                pending = None
+            if n == start + 1:  # the first step compiled: time from here
+                window_start, window_steps = time.perf_counter(), 0
+            else:
+                window_steps += 1
+            evaluated = False
+            if log_now or eval_now:
+                elapsed = time.perf_counter() - window_start
+                rate = config.batch_size * window_steps / elapsed if window_steps else rate
+                record = {"step": n, "epoch": n / steps_per_epoch,
+                          "train/lr": float(schedule(step)), **values}
+                if rate:
+                    record["train/images_per_sec"] = rate
+                if eval_now and not stopping:
+                    try:
+                        last_knn = record["eval/knn_top1"] = evaluate_knn(state, stop_agreed)
+                        evaluated = True
+                    except EvaluationInterrupted:
+                        stopping = save_now = True  # saved without it; evaluated on resume
+                if main:
+                    log.write(record)
+                    if tb:
+                        tb.scalars(n, {k: v for k, v in record.items() if k != "step"})
+                    if evaluated or not bar.live:
+                        say(_log_line(record, total_steps, config.batch_size))
+            if save_now and distributed.any_process(lock is not None and lock.lost):
+                raise ConfigError(
+                    f"another run took over the lock of workdir {workdir} (this run's "
+                    "heartbeat had stopped for longer than the lock's expiry: was it "
+                    f"suspended?); stopping without saving step {n}, so as not to "
+                    "overwrite that run's checkpoints")
+            if save_now:
+                ckpt.save(n, state, {"eval/knn_top1": last_knn} if evaluated else None)
+                last_good = n
+            if log_now or eval_now or save_now:
+                window_start, window_steps = time.perf_counter(), 0
+            if bar and values:
+                # Between log steps, the rate of the current window (steps up to n - 1
+                # are done: the lagged check above waited for them).
+                live = time.perf_counter() - window_start
+                live_rate = (config.batch_size * (window_steps - 1) / live
+                             if window_steps > 1 and live > 0 else rate)
+                bar.update(n, live_rate, values["train/loss"])
+            if stopping:
+                status = "preempted"
+                ckpt.wait()
+                what = stop.signal_name or "a stop request on another process"
+                later = (" (its kNN evaluation runs when the run resumes)"
+                         if eval_now and not evaluated else "")
+                say(f"received {what}: saved a checkpoint at step {n} in "
+                    f"{ckpt_dir}{later}; run the same command again to continue")
+                break
+        else:
+            if status != "preempted":
                 status = "stopped" if end < total_steps else "done"
         ckpt.wait()
     finally:
-        batches.close()
+        stop.__exit__(None, None, None)
+        if batches is not None:
+            batches.close()
         ckpt.close()
         if tb:
             tb.close()

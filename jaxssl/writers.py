@@ -53,6 +53,18 @@ class MetricsLog:
         self._text = "".join(json.dumps(r) + "\n" for r in records)
         files.write_text(self.path, self._text)
 
+    def update(self, step: int, values: dict[str, Any]) -> None:
+        """Add `values` to the record of `step` (a new record at the end if there is none)."""
+        records = self.read()
+        for r in records:
+            if r.get("step") == step:
+                r.update(values)
+                break
+        else:
+            records.append({"step": step, **values})
+        self._text = "".join(json.dumps(r) + "\n" for r in records)
+        files.write_text(self.path, self._text)
+
     def write(self, record: dict[str, Any]) -> None:
         self._text = files.append_text(self.path, json.dumps(record) + "\n", current=self._text)
 

@@ -137,6 +137,56 @@ def test_resume_after_a_stop_is_bitwise_identical(straight, tmp_path):
     assert records_without_timing(workdir) == reference_records
 
 
+def test_a_stop_during_the_knn_monitor_is_taken_at_once_and_resumes_exactly(
+        straight, tmp_path, monkeypatch, capsys):
+    """Before: a SIGTERM during the kNN monitor was acted on after the whole evaluation and one
+    more step (at ImageNet scale far beyond a preempted TPU VM's ~30 s). Now the evaluation
+    stops before its next batch, the step is saved without it, and the resumed run evaluates
+    it first: the log and the state equal an uninterrupted run's. The signal is stood in for by
+    setting the trainer's stop request (a real SIGTERM is test_sigterm_saves_...)."""
+    from jaxssl.evaluate.features import FeatureExtractor
+
+    reference, reference_records = straight
+    requests, calls = [], []
+    real_enter, real_call = train.StopRequest.__enter__, FeatureExtractor.__call__
+
+    def enter(self):
+        requests.append(self)
+        return real_enter(self)
+
+    def call(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == interrupt_at:
+            requests[-1].signal_name = "SIGTERM"
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(train.StopRequest, "__enter__", enter)
+    monkeypatch.setattr(FeatureExtractor, "__call__", call)
+    workdir = str(tmp_path / "run")
+    # 1. During the kNN at initialisation (feature pass 1 of 2): nothing trained, nothing saved.
+    interrupt_at = 1
+    first = train.train(tiny_config(), workdir)
+    assert first.status == "preempted" and first.step == 0 and len(calls) == 1
+    assert "received SIGTERM during the kNN evaluation before training: nothing was trained " \
+           "yet" in capsys.readouterr().out
+    assert not [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
+    # 2. During the monitor at step 6 (passes 1-2 at initialisation, 3 is step 6's bank).
+    calls.clear()
+    interrupt_at = 3
+    second = train.train(tiny_config(), workdir)
+    assert second.status == "preempted" and second.step == 6 and len(calls) == 3
+    assert "received SIGTERM: saved a checkpoint at step 6 in " in capsys.readouterr().out
+    six = [r for r in records_without_timing(workdir) if r["step"] == 6]
+    assert len(six) == 1 and "eval/knn_top1" not in six[0] and "train/loss" in six[0]
+    # 3. The resume evaluates step 6 first, then trains to the end.
+    interrupt_at = 0
+    third = train.train(tiny_config(), workdir)
+    assert third.status == "done" and third.step == 12
+    assert "kNN top-1 at step 6 (its evaluation was interrupted)" in capsys.readouterr().out
+    assert records_without_timing(workdir) == reference_records
+    assert_same_state(reference.state, third.state)
+
+
 def test_resume_with_the_online_probe_switched_on_or_off(straight, tmp_path, capsys):
     """A run started without the probe (as before it existed) resumes with it: the encoder goes
     on exactly (the probe never touches it), the probe starts afresh; and the other way round."""

@@ -17,7 +17,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxssl.parallel import DATA_AXIS, host_to_global
 
-__all__ = ["FeatureExtractor", "NonFiniteFeaturesError", "eval_images"]
+__all__ = ["FeatureExtractor", "NonFiniteFeaturesError", "EvaluationInterrupted", "eval_images"]
+
+
+class EvaluationInterrupted(Exception):
+    """A feature pass ended early because its `stop` callback asked it to (a preemption)."""
 
 
 class NonFiniteFeaturesError(FloatingPointError):
@@ -83,7 +87,7 @@ class FeatureExtractor:
         self._features = jax.jit(features)
 
     def __call__(self, params, batch_stats, source, indices: Sequence[int], *,
-                 padded: bool = False) -> jax.Array:
+                 padded: bool = False, stop: Callable[[], bool] | None = None) -> jax.Array:
         """Features of source[indices]: float32 [len(indices), F], a global jax.Array.
 
         padded=True: [R, F] with R >= len(indices) a multiple of the devices, split over the
@@ -91,6 +95,8 @@ class FeatureExtractor:
         len(indices) on zero. Unpadded, the rows split over the devices too when their number
         divides evenly, and are replicated otherwise.
         NonFiniteFeaturesError when any feature is NaN or infinite.
+        stop: asked before each batch (every process must give the same answer, e.g. one
+        agreed by a collective); EvaluationInterrupted when it says True.
         """
         indices = np.asarray(indices)
         n, b = len(indices), self.batch_size
@@ -106,6 +112,8 @@ class FeatureExtractor:
         # device ever holds them all. A few batches: one concatenation is simpler and as small.
         in_place = num_batches >= n_dev
         for i in range(num_batches):
+            if stop is not None and stop():
+                raise EvaluationInterrupted(f"stopped before batch {i + 1} of {num_batches}")
             idx = indices[i * b:(i + 1) * b]
             idx = np.concatenate([idx, np.full(b - len(idx), idx[0])])  # pad the last batch
             local = idx.reshape(pc, -1)[pi]  # this process's rows of the global batch
