@@ -129,6 +129,15 @@ def _distributed_flags(parser: argparse.ArgumentParser) -> None:
                         "this time (default 300)")
 
 
+class _OrbaxTaskNoise:
+    """A filter on the asyncio logger, for the life of the process: "Task exception was never
+    retrieved" for orbax's failed write tasks comes when they are collected, often at exit."""
+
+    def filter(self, record) -> bool:
+        return not (record.levelno >= 40 and not os.environ.get("JAXSSL_DEBUG")
+                    and f"{os.sep}orbax{os.sep}" in record.getMessage())
+
+
 class _BackgroundNoise:
     """While installed: the tracebacks that orbax's background writer and tensorstore's
     callbacks print when a checkpoint write fails are left out (hundreds of lines: the absl
@@ -149,6 +158,7 @@ class _BackgroundNoise:
     def filter(self, record) -> bool:  # a logging filter on the absl logger
         return not (record.levelno >= 40 and record.exc_info is not None
                     and f"{os.sep}orbax{os.sep}" in record.pathname)
+
 
     # sys.stderr while installed
     def write(self, text: str) -> int:
@@ -190,6 +200,9 @@ class _BackgroundNoise:
             import logging
 
             logging.getLogger("absl").addFilter(self)
+            asyncio_log = logging.getLogger("asyncio")
+            if not any(isinstance(f, _OrbaxTaskNoise) for f in asyncio_log.filters):
+                asyncio_log.addFilter(_OrbaxTaskNoise())
             self.stream, sys.stderr = sys.stderr, self
         return self
 

@@ -258,15 +258,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
                 say(note)
         return path, _config_changes(config, path, n_dev, allow_config_change)
 
-    try:
-        workdir, changed = _same_on_every_process(check_workdir)
-        return _train(config, workdir, mesh, n_dev, changed, lock, stop_at_step, stream, say)
-    finally:
-        if lock is not None:
-            lock.release()
+    # Until the first step, a SIGTERM ends the process at once: there is nothing to save.
+    with StopRequest() as stop:
+        stop.immediate = True
+        stop.on_immediate_exit.append(lambda name: say(
+            f"received {name} before the first step of this run: nothing new to save; run the "
+            "same command again to continue"))
+        stop.on_immediate_exit.append(lambda name: lock and lock.release())
+        try:
+            workdir, changed = _same_on_every_process(check_workdir)
+            return _train(config, workdir, mesh, n_dev, changed, lock, stop, stop_at_step,
+                          stream, say)
+        finally:
+            if lock is not None:
+                lock.release()
 
 
-def _train(config, workdir, mesh, n_dev, changed, lock, stop_at_step, stream, say):
+def _train(config, workdir, mesh, n_dev, changed, lock, stop, stop_at_step, stream, say):
     """train() in a checked workdir this run holds the lock of."""
     main = jax.process_index() == 0
     exp = experiment.build(config, mesh, with_eval=config.eval.knn)
@@ -338,61 +346,53 @@ def _train(config, workdir, mesh, n_dev, changed, lock, stop_at_step, stream, sa
     eval_due = lambda n: knn_on and (n % config.eval_every_steps == 0  # noqa: E731
                                      or n == total_steps)
     batches = bar = None
-    # From here a SIGTERM or Ctrl-C is a request, looked at after each step and between the
-    # batches of every evaluation (a kNN pass over a large bank takes minutes; a preempted
-    # TPU VM has about 30 s).
-    stop = StopRequest().__enter__()
+    # After the first step, a SIGTERM or Ctrl-C is a request, looked at after each step and
+    # between the batches of every evaluation (a kNN pass over a large bank takes minutes; a
+    # preempted TPU VM has about 30 s).
     stop_agreed = lambda: distributed.any_process(bool(stop))  # noqa: E731
     try:
-        try:
-            if start:
-                say(f"resuming from the checkpoint at step {start} of {total_steps} in "
-                    f"{ckpt_dir}")
-                # A stop during the evaluation of step `start` saved that step without it:
-                # evaluate it now, so the log reads as one uninterrupted run.
-                missing = main and eval_due(start) and not any(
-                    r.get("step") == start and "eval/knn_top1" in r for r in log.read())
-                if distributed.any_process(missing):
-                    last_knn = evaluate_knn(state, stop_agreed)
-                    say(f"kNN top-1 at step {start} (its evaluation was interrupted): "
-                        f"{last_knn:.4f}")
-                    if main:
-                        log.update(start, {"eval/knn_top1": last_knn})
-                        if tb:
-                            tb.scalars(start, {"eval/knn_top1": last_knn})
-            else:
-                say(f"training {m.encoder} (width {m.width}) with "
-                    f"{configuration.METHODS[config.method]} on {train_source.name}: "
-                    f"{total_steps} steps of batch {config.batch_size} ({steps_per_epoch} "
-                    f"steps/epoch) on {n_dev} {jax.devices()[0].platform} device(s); workdir "
-                    f"{workdir}")
+        # Before the first step a SIGTERM ends the process at once (StopRequest.immediate):
+        # these evaluations need not look at it.
+        if start:
+            say(f"resuming from the checkpoint at step {start} of {total_steps} in "
+                f"{ckpt_dir}")
+            # A stop during the evaluation of step `start` saved that step without it:
+            # evaluate it now, so the log reads as one uninterrupted run.
+            missing = main and eval_due(start) and not any(
+                r.get("step") == start and "eval/knn_top1" in r for r in log.read())
+            if distributed.any_process(missing):
+                last_knn = evaluate_knn(state, None)
+                say(f"kNN top-1 at step {start} (its evaluation was interrupted): "
+                    f"{last_knn:.4f}")
                 if main:
-                    preview.write_preview(files.join(workdir, "augment_preview.png"),
-                                          train_source, exp.recipe, d.out_size, seed=config.seed,
-                                          mode="device" if d.augment == "device" else "host")
-                if knn_on:
-                    t0 = time.perf_counter()
-                    init_top1 = evaluate_knn(state, stop_agreed)
-                    say(f"kNN top-1 at initialisation: {init_top1:.4f} "
-                        f"({time.perf_counter() - t0:.0f} s)")
-                    if main:
-                        log.write({"step": 0, "epoch": 0.0, "eval/knn_top1": init_top1})
-                        if tb:
-                            tb.scalars(0, {"eval/knn_top1": init_top1})
-        except EvaluationInterrupted:
-            what = stop.signal_name or "a stop request on another process"
-            kept = (f"the checkpoint at step {start} is kept" if start
-                    else "nothing was trained yet")
-            say(f"received {what} during the kNN evaluation before training: {kept}; run the "
-                "same command again to continue")
-            status = "preempted"
-            end = start  # no step
+                    log.update(start, {"eval/knn_top1": last_knn})
+                    if tb:
+                        tb.scalars(start, {"eval/knn_top1": last_knn})
+        else:
+            say(f"training {m.encoder} (width {m.width}) with "
+                f"{configuration.METHODS[config.method]} on {train_source.name}: "
+                f"{total_steps} steps of batch {config.batch_size} ({steps_per_epoch} "
+                f"steps/epoch) on {n_dev} {jax.devices()[0].platform} device(s); workdir "
+                f"{workdir}")
+            if main:
+                preview.write_preview(files.join(workdir, "augment_preview.png"),
+                                      train_source, exp.recipe, d.out_size, seed=config.seed,
+                                      mode="device" if d.augment == "device" else "host")
+            if knn_on:
+                t0 = time.perf_counter()
+                init_top1 = evaluate_knn(state, None)
+                say(f"kNN top-1 at initialisation: {init_top1:.4f} "
+                    f"({time.perf_counter() - t0:.0f} s)")
+                if main:
+                    log.write({"step": 0, "epoch": 0.0, "eval/knn_top1": init_top1})
+                    if tb:
+                        tb.scalars(0, {"eval/knn_top1": init_top1})
         bar = ProgressBar(total_steps, config.batch_size, stream=stream) if main else None
         say.bar = bar
         batches = pipeline.make_pipeline(
             train_source, global_batch=config.batch_size, seed=config.seed, mode=d.augment,
             recipe=exp.recipe, out_size=d.out_size, start_step=start,
-            num_steps=max(end - start, 0), process_index=jax.process_index(),
+            num_steps=end - start, process_index=jax.process_index(),
             process_count=jax.process_count(), prefetch=d.prefetch,
             threads=d.threads or None)
         fields = ("images" if d.augment == "device" else "views",) + (
@@ -404,6 +404,7 @@ def _train(config, workdir, mesh, n_dev, changed, lock, stop_at_step, stream, sa
             batch = next(batches)
             batch = parallel.host_to_global({f: batch[f] for f in fields}, mesh)
             state, metrics = train_step(state, batch, train_key)
+            stop.immediate = False  # compiled and under way: from here a stop saves this step
             n = step + 1
             # Check the previous step while this one runs: one step of lag keeps the device
             # busy and still stops before a non-finite state is ever saved.
@@ -478,11 +479,9 @@ def _train(config, workdir, mesh, n_dev, changed, lock, stop_at_step, stream, sa
                     f"{ckpt_dir}{later}; run the same command again to continue")
                 break
         else:
-            if status != "preempted":
-                status = "stopped" if end < total_steps else "done"
+            status = "stopped" if end < total_steps else "done"
         ckpt.wait()
     finally:
-        stop.__exit__(None, None, None)
         if batches is not None:
             batches.close()
         ckpt.close()

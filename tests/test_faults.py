@@ -283,6 +283,60 @@ def test_orbaxs_background_noise_is_left_out_and_the_rest_kept(monkeypatch):
     assert sink.getvalue() == "a warning\n" + other + "partial" + "Trace"
 
 
+_SLOW_COMPILE = """
+import ctypes, sys
+from jaxssl import cli, experiment
+
+real = experiment.compiled_step
+
+def slow(exp):
+    step = real(exp)
+
+    def first_call(*args, **kwargs):
+        print("compiling", flush=True)
+        ctypes.CDLL(None).sleep(60)  # XLA compiling: C++ that no Python signal handler enters
+        return step(*args, **kwargs)
+    return first_call
+
+experiment.compiled_step = slow
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_compilation_ends_the_run_at_once(tmp_path):
+    """Before: a SIGTERM before the first step waited for the compilation to end (minutes for
+    a ResNet-50; a preempted TPU VM has ~30 s), then trained and saved a step. Now it ends the
+    process at once: nothing had been trained. The compilation is stood in for by a 60 s sleep
+    in C, where a Python signal handler cannot run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_COMPILE, "train", "--config", "demo", "--workdir",
+         str(workdir), *[f"--config.{k}={v}" for k, v in TINY + STEPS]],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    seen = []
+    while not seen or seen[-1] != "compiling\n":
+        seen.append(proc.stdout.readline())
+        assert seen[-1], "".join(seen)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    took = time.time() - sent
+    assert proc.returncode == 0 and took < 20, (took, "".join(seen) + out)
+    assert out.strip().splitlines()[-1] == (
+        "received SIGTERM before the first step of this run: nothing new to save; run the same "
+        "command again to continue"), out
+    assert not [n for n in os.listdir(workdir / "checkpoints") if n.isdigit()]
+    lock = WorkdirLock(str(workdir))  # released
+    assert lock.acquire() is None
+    lock.release()
+
+
 def test_a_nan_in_the_online_probe_stops_before_it_is_saved(trained, tmp_path, monkeypatch):
     """Before: only train/loss and train/grad_norm were checked, so a diverged probe was
     checkpointed and every resume carried it."""

@@ -163,22 +163,14 @@ def test_a_stop_during_the_knn_monitor_is_taken_at_once_and_resumes_exactly(
     monkeypatch.setattr(train.StopRequest, "__enter__", enter)
     monkeypatch.setattr(FeatureExtractor, "__call__", call)
     workdir = str(tmp_path / "run")
-    # 1. During the kNN at initialisation (feature pass 1 of 2): nothing trained, nothing saved.
-    interrupt_at = 1
-    first = train.train(tiny_config(), workdir)
-    assert first.status == "preempted" and first.step == 0 and len(calls) == 1
-    assert "received SIGTERM during the kNN evaluation before training: nothing was trained " \
-           "yet" in capsys.readouterr().out
-    assert not [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
-    # 2. During the monitor at step 6 (passes 1-2 at initialisation, 3 is step 6's bank).
-    calls.clear()
+    # 1. During the monitor at step 6 (passes 1-2 at initialisation, 3 is step 6's bank).
     interrupt_at = 3
     second = train.train(tiny_config(), workdir)
     assert second.status == "preempted" and second.step == 6 and len(calls) == 3
     assert "received SIGTERM: saved a checkpoint at step 6 in " in capsys.readouterr().out
     six = [r for r in records_without_timing(workdir) if r["step"] == 6]
     assert len(six) == 1 and "eval/knn_top1" not in six[0] and "train/loss" in six[0]
-    # 3. The resume evaluates step 6 first, then trains to the end.
+    # 2. The resume evaluates step 6 first, then trains to the end.
     interrupt_at = 0
     third = train.train(tiny_config(), workdir)
     assert third.status == "done" and third.step == 12
