@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 __all__ = ["initialize", "launcher", "any_process", "processes_where", "any_process_each",
-           "barrier"]
+           "from_process_0", "barrier"]
 
 
 def launcher() -> str | None:
@@ -185,6 +185,17 @@ def any_process(flag: bool) -> bool:
     """True on every process when `flag` is true on any of them (a collective: every process
     must call it at the same point). One process: the flag itself."""
     return bool(processes_where(flag))
+
+
+def from_process_0(values: list[int]) -> list[int]:
+    """Process 0's list of integers, on every process (a collective). One process: `values`."""
+    if jax.process_count() == 1:
+        return list(values)
+    from jax.experimental import multihost_utils
+
+    n = int(multihost_utils.broadcast_one_to_all(np.int32(len(values))))
+    mine = np.asarray(values if jax.process_index() == 0 else [0] * n, np.int64).reshape(n)
+    return [int(v) for v in np.asarray(multihost_utils.broadcast_one_to_all(mine))]
 
 
 def barrier(name: str) -> None:

@@ -114,18 +114,35 @@ def _restore_newest(make_ckpt, state, workdir: str, say):
     ckpt = make_ckpt()
     damaged = []
     try:
-        for step in sorted(ckpt.all_steps(), reverse=True):
+        # Every process restores the same step: process 0's list (a shared filesystem with
+        # attribute caching may show another process an older listing), and a checkpoint
+        # damaged for any process is damaged for all.
+        for step in distributed.from_process_0(sorted(ckpt.all_steps(), reverse=True)):
             try:
-                diff = ckpt.difference(state, step)
+                error = None
+                try:
+                    diff = ckpt.difference(state, step)
+                    probe_only = diff is not None and ckpt.difference(
+                        state, step, ignore="probe") is None
+                    if diff is None:
+                        restored = ckpt.restore(state, step)
+                    elif probe_only:
+                        restored = ckpt.restore(state.replace(probe=None), step, partial=True)
+                except DamagedCheckpointError as e:
+                    error = e
+                failed = distributed.processes_where(error is not None)
+                if failed:
+                    raise error or DamagedCheckpointError(
+                        f"the checkpoint at step {step} in {ckpt.directory} cannot be read on "
+                        f"process {', '.join(map(str, failed))}")
                 if diff is None:
-                    return step, ckpt.restore(state, step), ckpt
-                if ckpt.difference(state, step, ignore="probe") is not None:
+                    return step, restored, ckpt
+                if not probe_only:
                     raise ConfigError(
                         f"the checkpoint at step {step} in {ckpt.directory} is of a different "
                         f"model ({diff}); use a new workdir, or the config that wrote it")
                 # The online probe is turned on (or off) since the checkpoint: it never changed
-                # the encoder, so restore everything else and give the probe a fresh start.
-                restored = ckpt.restore(state.replace(probe=None), step, partial=True)
+                # the encoder, so everything else is restored and the probe starts afresh.
                 say("note: the checkpoint's online probe does not match eval.online_probe; the "
                     "encoder resumes exactly, the probe " + (
                         "starts afresh" if state.probe is not None else "is dropped"))

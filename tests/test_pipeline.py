@@ -111,3 +111,37 @@ def test_errors_in_the_producer_reach_the_consumer():
     assert next(it) == 1
     with pytest.raises(RuntimeError, match="disk gone"):
         next(it)
+
+
+def test_closing_the_pipeline_ends_its_thread_and_closes_the_producer():
+    """Before: after close() the prefetch thread stayed blocked on the full queue, holding its
+    batches, for the life of the process: a leak for a library user calling train() in a loop."""
+    import threading
+    import time
+
+    closed = []
+
+    def endless():
+        try:
+            yield from itertools.count()
+        finally:
+            closed.append(True)
+
+    def prefetchers():
+        return [t for t in threading.enumerate() if t.name == "jaxssl-prefetch"]
+
+    before = len(prefetchers())
+    for _ in range(3):
+        it = pipeline._prefetch(endless(), 2)
+        assert _take(it, 3) == [0, 1, 2]
+        time.sleep(0.2)  # the producer fills the queue and waits on it
+        it.close()
+    assert len(prefetchers()) == before and closed == [True] * 3
+    # The whole pipeline too, on the device path.
+    batches = pipeline.make_pipeline(sources.from_arrays(
+        np.zeros((32, SIDE, SIDE, 3), np.uint8), None), global_batch=8, seed=0, mode="device",
+        recipe=recipes.get_recipe("simclr"), out_size=8, prefetch=2)
+    next(batches)
+    time.sleep(0.2)
+    batches.close()
+    assert len(prefetchers()) == before

@@ -88,7 +88,9 @@ class BatchPlan:
 
 
 def _prefetch(iterator: Iterator, depth: int) -> Iterator:
-    """Run `iterator` in a background thread, `depth` items ahead."""
+    """Run `iterator` in a background thread, `depth` items ahead. Closing the returned
+    generator (or dropping it) ends the thread, also when it waits on a full queue, and closes
+    `iterator`: a library user who calls train() again and again leaks no threads or batches."""
     if depth <= 0:
         yield from iterator
         return
@@ -96,17 +98,29 @@ def _prefetch(iterator: Iterator, depth: int) -> Iterator:
     done = object()
     stop = threading.Event()
 
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def worker():
         try:
             for item in iterator:
-                if stop.is_set():
+                if not put(item):
                     return
-                q.put(item)
-            q.put(done)
+            put(done)
         except BaseException as e:  # surfaced in the consumer, not lost in the thread
-            q.put(e)
+            put(e)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
 
-    thread = threading.Thread(target=worker, daemon=True)
+    thread = threading.Thread(target=worker, daemon=True, name="jaxssl-prefetch")
     thread.start()
     try:
         while True:
@@ -118,6 +132,12 @@ def _prefetch(iterator: Iterator, depth: int) -> Iterator:
             yield item
     finally:
         stop.set()
+        while True:  # what is queued is dropped now, not when the thread ends
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                break
+        thread.join(timeout=10)
 
 
 def _steps(start_step: int, num_steps: int | None):
