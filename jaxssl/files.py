@@ -61,8 +61,29 @@ def _remote(path: str):
     return epath.Path(path)
 
 
+# Seconds to wait before each retry of a remote call that failed (a transient 429/503, a
+# dropped connection): about 30 s in all, each wait jittered by +-50%. Errors that retrying
+# cannot cure (permissions, a missing object) are raised at once.
+RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+def _retried(call):
+    import random
+    import time
+
+    for delay in (*RETRY_DELAYS, None):
+        try:
+            return call()
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+            raise
+        except Exception:
+            if delay is None:
+                raise
+            time.sleep(delay * random.uniform(0.5, 1.5))
+
+
 def exists(path: str) -> bool:
-    return _remote(path).exists() if is_remote(path) else os.path.exists(path)
+    return _retried(_remote(path).exists) if is_remote(path) else os.path.exists(path)
 
 
 def isdir(path: str) -> bool:
@@ -82,13 +103,13 @@ def makedirs(path: str) -> None:
 
 def listdir(path: str) -> list[str]:
     if is_remote(path):
-        return sorted(p.name for p in _remote(path).iterdir())
+        return _retried(lambda: sorted(p.name for p in _remote(path).iterdir()))
     return sorted(os.listdir(path))
 
 
 def read_bytes(path: str) -> bytes:
     if is_remote(path):
-        return _remote(path).read_bytes()
+        return _retried(_remote(path).read_bytes)
     with open(path, "rb") as f:
         return f.read()
 
@@ -101,7 +122,8 @@ def write_bytes(path: str, data: bytes) -> None:
     """Replace the file at `path` with `data`, all or nothing: a crash leaves the old file or
     the new one. Its folder must exist, as for open()."""
     if is_remote(path):
-        _remote(path).write_bytes(data)  # one upload: the object appears whole or not at all
+        # One upload: the object appears whole or not at all, so a retry is safe.
+        _retried(lambda: _remote(path).write_bytes(data))
         return
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
@@ -142,7 +164,7 @@ def append_text(path: str, text: str, *, current: str | None = None) -> str | No
 
 def remove(path: str) -> None:
     if is_remote(path):
-        _remote(path).unlink()
+        _retried(_remote(path).unlink)
     else:
         os.remove(path)
 

@@ -326,7 +326,7 @@ def _train(config, workdir, mesh, n_dev, changed, lock, stop, stop_at_step, stre
              "image_size": d.out_size}, indent=2))
     log = MetricsLog(files.join(workdir, "metrics.jsonl"))
     if main:
-        log.truncate_after(start)
+        log.truncate_after(start if start else -1)  # a fresh start keeps nothing, not step 0
     tb = open_tensorboard(files.join(workdir, "tensorboard")) if main else None
     if main and tb is None:
         say("note: no TensorBoard events: the tensorboard package is not installed "

@@ -26,18 +26,37 @@ __all__ = ["MetricsLog", "TensorBoardWriter", "open_tensorboard", "ProgressBar",
 class MetricsLog:
     """metrics.jsonl: one JSON object per logged step ({"step": ..., "train/loss": ...}).
 
-    `path` may be remote (see jaxssl.files): there each write uploads the whole file again,
-    from the copy kept here."""
+    `path` may be remote (see jaxssl.files). An object in a bucket cannot be appended to, so
+    each write uploads the object again: there every run segment (each resume, from
+    `truncate_after(step)`) writes its own object, `metrics-from-<step>.jsonl` beside
+    `metrics.jsonl`, and `read()` joins them, a later segment replacing what an earlier one
+    logged past its start. An upload rewrites one segment, never the whole run's log."""
 
     def __init__(self, path: str):
         self.path = path
-        self._text: str | None = None  # the file's contents, known after a remote write
+        self._segment = path  # the object this run appends to (remote)
+        self._text: str | None = None  # the segment's contents, known after a remote write
 
-    def read(self) -> list[dict[str, Any]]:
-        if not files.exists(self.path):
-            return []
+    def _segments(self) -> list[tuple[int, str]]:
+        """[(start step, path)] of the objects of a remote log, by start."""
+        folder, _, name = self.path.rpartition("/")
+        stem = name.removesuffix(".jsonl")
+        found = [(0, self.path)] if files.exists(self.path) else []
+        if files.isdir(folder):
+            for other in files.listdir(folder):
+                start = other.removeprefix(f"{stem}-from-").removesuffix(".jsonl")
+                if other.startswith(f"{stem}-from-") and start.isdigit():
+                    found.append((int(start), f"{folder}/{other}"))
+        return sorted(found)
+
+    def _segment_path(self, start: int) -> str:
+        return self.path if start == 0 else (
+            f"{self.path.removesuffix('.jsonl')}-from-{start}.jsonl")
+
+    @staticmethod
+    def _parse(text: str) -> list[dict[str, Any]]:
         records = []
-        for line in files.read_text(self.path).splitlines():
+        for line in text.splitlines():
             line = line.strip()
             if line:
                 try:
@@ -46,27 +65,55 @@ class MetricsLog:
                     continue
         return records
 
+    def read(self) -> list[dict[str, Any]]:
+        if not files.is_remote(self.path):
+            return self._parse(files.read_text(self.path)) if files.exists(self.path) else []
+        records = []
+        for start, path in self._segments():
+            records = [r for r in records if r.get("step", 0) <= start]
+            records += self._parse(files.read_text(path))
+        return records
+
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after `step` (written by a run that stopped past its last
-        checkpoint), so a resumed run's log reads as one uninterrupted run."""
-        records = [r for r in self.read() if r.get("step", 0) <= step]
-        self._text = "".join(json.dumps(r) + "\n" for r in records)
-        files.write_text(self.path, self._text)
+        checkpoint), so a resumed run's log reads as one uninterrupted run; -1 drops them all.
+        In a bucket, the records from here on go to a new segment (segments that start at or
+        after `step` held only records after it, and are removed)."""
+        if not files.is_remote(self.path) or step <= 0:
+            if files.is_remote(self.path):
+                for start, path in self._segments():
+                    if start > 0:
+                        files.remove(path)
+            records = [r for r in self.read() if r.get("step", 0) <= step]
+            self._text = "".join(json.dumps(r) + "\n" for r in records)
+            files.write_text(self.path, self._text)
+            self._segment = self.path
+            return
+        for start, path in self._segments():
+            if start >= step and path != self.path:
+                files.remove(path)
+        self._segment, self._text = self._segment_path(step), ""
 
     def update(self, step: int, values: dict[str, Any]) -> None:
         """Add `values` to the record of `step` (a new record at the end if there is none)."""
-        records = self.read()
-        for r in records:
-            if r.get("step") == step:
-                r.update(values)
-                break
+        if not files.is_remote(self.path):
+            places = [(0, self.path)]
         else:
-            records.append({"step": step, **values})
-        self._text = "".join(json.dumps(r) + "\n" for r in records)
-        files.write_text(self.path, self._text)
+            places = [(s, p) for s, p in self._segments() if s <= step] or [(0, self._segment)]
+        for _, path in reversed(places):
+            records = self._parse(files.read_text(path)) if files.exists(path) else []
+            for r in records:
+                if r.get("step") == step:
+                    r.update(values)
+                    files.write_text(path, "".join(json.dumps(x) + "\n" for x in records))
+                    if path == self._segment:
+                        self._text = None
+                    return
+        self.write({"step": step, **values})
 
     def write(self, record: dict[str, Any]) -> None:
-        self._text = files.append_text(self.path, json.dumps(record) + "\n", current=self._text)
+        self._text = files.append_text(self._segment, json.dumps(record) + "\n",
+                                       current=self._text)
 
 
 def _masked_crc32c(data: bytes) -> int:

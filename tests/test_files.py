@@ -94,14 +94,33 @@ def test_local_write_is_atomic_and_leaves_no_temporary(tmp_path):
 
 def test_metrics_log_and_tensorboard_in_a_bucket(bucket):
     log = writers.MetricsLog("gs://b/run/metrics.jsonl")
+    log.truncate_after(-1)
     for step in (0, 2, 4, 6):
         log.write({"step": step, "train/loss": 1.0 / (step + 1)})
-    # A resume after step 4: a new writer reads the bucket's copy and cuts the later records.
+    first = stored(bucket)["b/run/metrics.jsonl"]
+    # A resume after step 4 writes its own object (an upload rewrites one segment, never the
+    # run's whole log); reading joins them, the resumed step 6 replacing the first run's.
     again = writers.MetricsLog("gs://b/run/metrics.jsonl")
     again.truncate_after(4)
     again.write({"step": 6, "train/loss": 0.5})
-    assert [r["step"] for r in again.read()] == [0, 2, 4, 6]
-    assert again.read()[-1]["train/loss"] == 0.5
+    again.write({"step": 8, "train/loss": 0.25})
+    assert [(r["step"], r["train/loss"]) for r in again.read()] == [
+        (0, 1.0), (2, 1 / 3), (4, 0.2), (6, 0.5), (8, 0.25)]
+    assert stored(bucket)["b/run/metrics.jsonl"] == first
+    assert stored(bucket)["b/run/metrics-from-4.jsonl"].count(b"\n") == 2
+    # An evaluation added to an earlier segment's record (a stop during the monitor).
+    again.update(4, {"eval/knn_top1": 0.3})
+    assert again.read()[2] == {"step": 4, "train/loss": 0.2, "eval/knn_top1": 0.3}
+    # A resume from an older checkpoint (step 2): the segment from 4 goes.
+    third = writers.MetricsLog("gs://b/run/metrics.jsonl")
+    third.truncate_after(2)
+    third.write({"step": 4, "train/loss": 0.125})
+    assert [(r["step"], r["train/loss"]) for r in third.read()] == [
+        (0, 1.0), (2, 1 / 3), (4, 0.125)]
+    assert "b/run/metrics-from-4.jsonl" not in stored(bucket)
+    # A fresh start keeps nothing.
+    writers.MetricsLog("gs://b/run/metrics.jsonl").truncate_after(-1)
+    assert third.read() == [] and sorted(stored(bucket)) == ["b/run/metrics.jsonl"]
 
     tb = writers.TensorBoardWriter("gs://b/run/tensorboard")
     tb.scalars(1, {"train/loss": 2.5})
@@ -149,6 +168,7 @@ def test_train_eval_and_export_with_a_gs_workdir(bucket, local_checkpoints, tmp_
                  "curves.png"):
         assert f"b/run/{name}" in names, sorted(names)
     assert sum(n.startswith("b/run/tensorboard/events.out.tfevents.") for n in names) == 2
+    assert "b/run/metrics-from-3.jsonl" in names  # the resumed segment's own object
     records = writers.MetricsLog("gs://b/run/metrics.jsonl").read()
     assert [r["step"] for r in records if "train/loss" in r] == [2, 4, 6]
     assert records[-1]["eval/knn_top1"] == pytest.approx(result.knn_top1)
@@ -174,6 +194,33 @@ def test_train_eval_and_export_with_a_gs_workdir(bucket, local_checkpoints, tmp_
     for a, b in zip(jax.tree.leaves((params, batch_stats)), jax.tree.leaves(want)):
         np.testing.assert_array_equal(a, b)
     assert not os.path.exists(tmp_path / "gs:")
+
+
+def test_transient_bucket_errors_are_retried(bucket, local_checkpoints, tmp_path, monkeypatch):
+    """Before: one failed upload of metrics.jsonl (a 503) ended the run. Here every third
+    upload fails once; the run goes on and its files are whole."""
+    monkeypatch.setattr(files, "RETRY_DELAYS", (0.0, 0.0))
+    real_open, calls = FakeGCS._open, []
+
+    def flaky(self, path, mode="rb", *args, **kwargs):
+        if "w" in mode:
+            calls.append(path)
+            if len(calls) % 3 == 0:
+                raise OSError("503 Service Unavailable: backend error")
+        return real_open(self, path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(FakeGCS, "_open", flaky)
+    monkeypatch.chdir(tmp_path)
+    result = train.train(tiny_config(("num_steps", "4"), ("eval.knn", "false")), "gs://b/run")
+    assert result.status == "done" and result.step == 4
+    assert len(calls) >= 9  # uploads failed, and were tried again
+    records = writers.MetricsLog("gs://b/run/metrics.jsonl").read()
+    assert [r["step"] for r in records] == [2, 4]
+    assert json.loads(stored(bucket)["b/run/config.json"])["num_steps"] == 4
+    # An error that a retry cannot cure is not retried.
+    monkeypatch.setattr(files, "RETRY_DELAYS", (60.0,))
+    with pytest.raises(FileNotFoundError):
+        files.read_bytes("gs://b/run/no_such_object")
 
 
 def test_an_unwritable_bucket_is_one_line(bucket, monkeypatch, capsys):
