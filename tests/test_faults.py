@@ -120,6 +120,27 @@ def test_a_resume_that_changes_what_is_trained_is_refused(trained, tmp_path, cha
     assert _files(workdir) == before
 
 
+def test_another_device_count_with_per_device_batchnorm_is_refused(trained, tmp_path):
+    """Before: the device count was not recorded; with bn=local (one BatchNorm group per
+    device) a resume on fewer devices silently changed BatchNorm. The workdir is made to read
+    as a bn=local run started on 4 devices; this process has 8."""
+    workdir = _copy(trained, tmp_path)
+    config = json.loads((workdir / "config.json").read_text())
+    config["model"]["bn"] = "local"
+    (workdir / "config.json").write_text(json.dumps(config))
+    (workdir / "run.json").write_text(json.dumps({"devices": 4, "processes": 1}))
+    before = _files(workdir)
+    with pytest.raises(ConfigError, match=r"in what is trained \(devices 4 -> 8\)"):
+        train.train(tiny_config(*STEPS, ("model.bn", "local")), str(workdir),
+                    stream=io.StringIO())
+    assert _files(workdir) == before
+    # With global BatchNorm the device count does not change the result: no refusal.
+    config["model"]["bn"] = "global"
+    (workdir / "config.json").write_text(json.dumps(config))
+    assert train.train(tiny_config(*STEPS, ("model.bn", "global")), str(workdir),
+                       stream=io.StringIO()).status == "done"
+
+
 def test_an_allowed_change_is_recorded_and_config_json_kept(trained, tmp_path):
     workdir = _copy(trained, tmp_path)
     first = (workdir / "config.json").read_text()
