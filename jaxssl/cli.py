@@ -134,16 +134,20 @@ class _OrbaxTaskNoise:
     retrieved" for orbax's failed write tasks comes when they are collected, often at exit."""
 
     def filter(self, record) -> bool:
-        return not (record.levelno >= 40 and not os.environ.get("JAXSSL_DEBUG")
-                    and f"{os.sep}orbax{os.sep}" in record.getMessage())
+        if record.levelno < 40 or os.environ.get("JAXSSL_DEBUG"):
+            return True
+        text = record.getMessage()
+        # A task of orbax's code, or a bare future of a tensorstore write to a checkpoint.
+        return not ("was never retrieved" in text and ("orbax" in text or "OCDBT" in text))
 
 
 class _BackgroundNoise:
     """While installed: the tracebacks that orbax's background writer and tensorstore's
     callbacks print when a checkpoint write fails are left out (hundreds of lines: the absl
     ERROR record of the writer thread, and "RuntimeError: Event loop is closed" for each write
-    still under way, printed by tensorstore straight to sys.stderr); the trainer reports that
-    failure in one line. Every other line passes unchanged. JAXSSL_DEBUG=1 shows them all."""
+    still under way, printed by tensorstore straight to sys.stderr, from many threads at once);
+    the trainer reports that failure in one line. Every other line passes unchanged.
+    JAXSSL_DEBUG=1 shows them all."""
 
     DROPPED = ("RuntimeError: Event loop is closed",)
 
@@ -152,42 +156,47 @@ class _BackgroundNoise:
 
         self.active = not os.environ.get("JAXSSL_DEBUG")
         self.lock = threading.Lock()
-        self.block: list[str] | None = None  # a traceback being held back until its last line
-        self.pending = ""
+        # Per writing thread: a traceback held back until its last line, and a partial line.
+        self.blocks: dict[int, list[str]] = {}
+        self.pending: dict[int, str] = {}
 
     def filter(self, record) -> bool:  # a logging filter on the absl logger
         return not (record.levelno >= 40 and record.exc_info is not None
                     and f"{os.sep}orbax{os.sep}" in record.pathname)
 
-
     # sys.stderr while installed
     def write(self, text: str) -> int:
+        import threading
+
+        me = threading.get_ident()
         with self.lock:
-            if self.block is None and "Traceback" not in text and not self.pending:
+            pending = self.pending.pop(me, "")
+            if me not in self.blocks and "Traceback" not in text and not pending:
                 return self.stream.write(text)
-            self.pending += text
-            *lines, self.pending = self.pending.split("\n")
+            *lines, pending = (pending + text).split("\n")
             for line in lines:
-                self._line(line + "\n")
-            if self.block is None and self.pending and not "Traceback".startswith(
-                    self.pending[:9]):
-                self.stream.write(self.pending)  # a partial line outside a traceback
-                self.pending = ""
+                self._line(me, line + "\n")
+            if me not in self.blocks and pending and not "Traceback".startswith(pending[:9]):
+                self.stream.write(pending)  # a partial line outside a traceback
+                pending = ""
+            if pending:
+                self.pending[me] = pending
         return len(text)
 
-    def _line(self, line: str) -> None:
-        if self.block is None:
+    def _line(self, me: int, line: str) -> None:
+        block = self.blocks.get(me)
+        if block is None:
             if line.startswith("Traceback (most recent call last):"):
-                self.block = [line]
+                self.blocks[me] = [line]
             else:
                 self.stream.write(line)
             return
-        self.block.append(line)
-        if not line.startswith((" ", "Traceback", "\n")) and not line.startswith(
-                ("During handling", "The above exception")):
+        block.append(line)
+        if not line.startswith((" ", "Traceback", "\n", "During handling",
+                                "The above exception")):
             if not line.startswith(self.DROPPED):
-                self.stream.write("".join(self.block))
-            self.block = None
+                self.stream.write("".join(block))
+            del self.blocks[me]
 
     def flush(self) -> None:
         self.stream.flush()
@@ -211,10 +220,11 @@ class _BackgroundNoise:
             import logging
 
             logging.getLogger("absl").removeFilter(self)
-            with self.lock:
-                if self.block or self.pending:  # an unfinished block: nothing is lost
-                    self.stream.write("".join(self.block or []) + self.pending)
-                self.block, self.pending = None, ""
+            with self.lock:  # unfinished blocks and lines: nothing else is lost
+                for me in set(self.blocks) | set(self.pending):
+                    self.stream.write("".join(self.blocks.get(me, [])) + self.pending.get(me, ""))
+                self.blocks.clear()
+                self.pending.clear()
             sys.stderr = self.stream
 
 
@@ -259,8 +269,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from jaxssl.configuration import ConfigError
     try:
-        with _BackgroundNoise():
-            return args.run(args, overrides)
+        with _BackgroundNoise() as noise:
+            try:
+                return args.run(args, overrides)
+            except Exception as e:
+                from jaxssl.checkpoint import CheckpointWriteError
+
+                if argv is None and noise.active and isinstance(e, CheckpointWriteError):
+                    # The program (not a caller of main()): orbax's threads go on failing the
+                    # writes under way, and printing each, until the process ends: end it here,
+                    # inside the filter (the lock is released, the checkpoints are closed).
+                    print(f"jaxssl: {e}", file=sys.stderr)
+                    sys.stdout.flush()
+                    noise.stream.flush()
+                    os._exit(1)
+                raise
     except ConfigError as e:
         print(f"jaxssl: error: {e}", file=sys.stderr)
         return 2
