@@ -91,6 +91,18 @@ def _what_went_wrong(launcher, logdir):
             f"{log1.read_text()[-3000:] if log1.exists() else '(no log)'}")
 
 
+def _finish(launcher, logdir, timeout=900):
+    """(stdout, stderr) of the launcher once it ends; a test failure with both processes' output
+    when it has not ended within `timeout` s (a 2-core machine running other tests is slow)."""
+    try:
+        out, err = launcher.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the two processes did not end within {timeout} s:\n"
+                    + _what_went_wrong(launcher, logdir))
+    assert launcher.returncode == 0, (out[-3000:], err[-2000:])
+    return out, err
+
+
 def _complete_checkpoints(ckpt_dir):
     return [p for p in ckpt_dir.iterdir() if p.name.isdigit()] if ckpt_dir.is_dir() else []
 
@@ -121,8 +133,7 @@ def test_two_processes_of_4_devices_equal_one_process_of_8_through_sigterm_and_r
         capture_output=True, text=True).stdout.split()
     assert len(pid) == 1, pid
     os.kill(int(pid[0]), signal.SIGTERM)
-    out, err = launcher.communicate(timeout=600)
-    assert launcher.returncode == 0, (out[-2000:], err[-2000:])
+    out, err = _finish(launcher, tmp_path)
     # Process 0 got no signal: it stopped because process 1 did, at the same step.
     said = [line for line in out.splitlines() if "saved a checkpoint at step" in line]
     assert said and "a stop request on another process" in said[0], out[-2000:]
@@ -133,8 +144,7 @@ def test_two_processes_of_4_devices_equal_one_process_of_8_through_sigterm_and_r
     assert "process 1 of 2 (flags): 4 of 8 devices here" in log1  # it prints nothing else
     # The same command again: both processes resume from that step and finish.
     launcher = _launch(tmp_path, *args)
-    out, err = launcher.communicate(timeout=600)
-    assert launcher.returncode == 0, (out[-2000:], err[-2000:])
+    out, err = _finish(launcher, tmp_path)
     assert f"resuming from the checkpoint at step {stopped} of 18" in out
     assert "done: 18 steps" in out
 
@@ -163,8 +173,7 @@ def test_two_processes_of_4_devices_equal_one_process_of_8_through_sigterm_and_r
                  ("eval.finetune_fraction", "0.04")]
     launcher = _launch(tmp_path, "eval", "linear", "finetune", "--workdir", str(workdir),
                        *[f"--config.{k}={v}" for k, v in overrides])
-    out, err = launcher.communicate(timeout=600)
-    assert launcher.returncode == 0, (out[-2000:], err[-2000:])
+    out, err = _finish(launcher, tmp_path)
     for kind in ("linear", "finetune"):
         with open(workdir / "eval" / f"{kind}.json") as f:
             got = json.load(f)
