@@ -97,10 +97,14 @@ class Checkpointer:
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min'; got {best_mode!r}")
         policies = [checkpoint_managers.LatestN(n=keep_last)]
+        worst = float("-inf") if best_mode == "max" else float("inf")
+        # A save without the metric (not an evaluation step) ranks last.
+        rank = lambda metrics: (metrics or {}).get(best_metric, worst)  # noqa: E731
         if best_metric is not None:
             policies.append(checkpoint_managers.BestN(
-                get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min",
-                n=1, keep_checkpoints_without_metrics=False))
+                get_metric_fn=rank, reverse=best_mode == "min", n=1,
+                keep_checkpoints_without_metrics=False))
+        self._best_metric = best_metric
         self.directory = directory if "://" in directory else os.path.abspath(directory)
         self._saving: int | None = None  # the step of the newest save started
         self._failure: CheckpointWriteError | None = None
@@ -121,6 +125,9 @@ class Checkpointer:
             item_handlers=ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
             options=ocp.CheckpointManagerOptions(
                 preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+                # Orbax writes a step's metrics to disk only with a best_fn: without them a
+                # new process (every resume) knows no best checkpoint and drops it.
+                best_fn=rank if best_metric is not None else None, best_mode=best_mode,
                 enable_async_checkpointing=async_save,
                 create=True,
             ),
@@ -138,6 +145,8 @@ class Checkpointer:
         CheckpointWriteError when this save, or the previous asynchronous one, failed."""
         self.wait()  # orbax waits for the save under way too: this names its step if it failed
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
+        if metrics is None and self._best_metric is not None:
+            metrics = {}  # saved (and ranked last) so that every step has its metrics on disk
         self._saving = int(step)
         try:
             self._manager.save(int(step), args=ocp.args.PyTreeSave(state), metrics=metrics,

@@ -49,6 +49,23 @@ def test_keeps_last_few_and_the_best(tmp_path):
     ckpt.close()
 
 
+def test_the_best_checkpoint_outlives_a_resume(tmp_path):
+    """Before: orbax wrote no metrics to disk, so a new process (every resume) knew no best
+    checkpoint and dropped it at its first save (found by benchmarks/soak_kill9.py). Saves
+    without the metric (not an evaluation step) rank last."""
+    st, _ = _trained_state(1)
+    ckpt = checkpoint.Checkpointer(str(tmp_path), keep_last=1, best_metric="eval/knn_top1")
+    ckpt.save(1, st, metrics={"eval/knn_top1": 0.9})
+    ckpt.save(2, st, metrics={"eval/knn_top1": 0.1})
+    ckpt.close()
+    resumed = checkpoint.Checkpointer(str(tmp_path), keep_last=1, best_metric="eval/knn_top1")
+    resumed.save(3, st, metrics={"eval/knn_top1": 0.2})
+    resumed.save(4, st)  # no evaluation at this step
+    resumed.wait()
+    assert resumed.all_steps() == [1, 4]
+    resumed.close()
+
+
 def _saved_once(directory):
     """A workdir holding one complete checkpoint (step 1); returns (state, tx)."""
     st, tx = _trained_state(1)
