@@ -110,35 +110,36 @@ def _wait_for(address: str, timeout_s: int) -> None:
     while True:
         try:
             with socket.create_connection((host, int(port)), timeout=2) as conn:
-                conn.settimeout(10)
-                conn.sendall(_HTTP2_PREFACE)
-                reply = b""
-                try:
-                    while len(reply) < 9:
-                        chunk = conn.recv(9 - len(reply))
-                        if not chunk:
-                            break
-                        reply += chunk
-                except OSError:
-                    pass
-                if len(reply) < 9 or reply[3] != 4:  # no frame, or not SETTINGS
-                    raise _NotACoordinator(
-                        f"something answers at {address}, but not as JAX's coordinator does "
-                        f"(no gRPC reply: {reply[:16]!r}); --coordinator must be process 0's "
-                        "address and a port nothing else uses")
-                return
-        except _NotACoordinator as e:
-            raise ValueError(str(e)) from None
+                reply = _first_frame_header(conn)
         except (OSError, ValueError) as e:
             if time.monotonic() > deadline:
                 raise ValueError(
                     f"the coordinator {address} did not answer within {timeout_s} s ({e}); start "
                     "process 0 there (--process_id 0), or fix --coordinator") from e
             time.sleep(0.5)
+            continue
+        if len(reply) < 9 or reply[3] != 4:  # no frame, or not SETTINGS
+            raise ValueError(
+                f"something answers at {address}, but not as JAX's coordinator does (no gRPC "
+                f"reply: {reply[:16]!r}); --coordinator must be process 0's address and a port "
+                "nothing else uses")
+        return
 
 
-class _NotACoordinator(Exception):
-    pass
+def _first_frame_header(conn) -> bytes:
+    """Send the HTTP/2 preface on `conn`; the first 9 bytes of the reply (fewer if it ends)."""
+    conn.settimeout(10)
+    conn.sendall(_HTTP2_PREFACE)
+    reply = b""
+    try:
+        while len(reply) < 9:
+            chunk = conn.recv(9 - len(reply))
+            if not chunk:
+                break
+            reply += chunk
+    except OSError:
+        pass
+    return reply
 
 
 def _port_free(address: str) -> None:
