@@ -115,6 +115,16 @@ def _export(args, overrides) -> int:
     return 0
 
 
+def _prepare(args, overrides) -> int:
+    from jaxssl.data import records
+
+    records.prepare(args.input, args.output, data_dir=args.data_dir, shard_size=args.shard_size,
+                    workers=args.workers, strict=args.strict,
+                    labelled=False if args.unlabelled else "auto", max_pixels=args.max_pixels,
+                    say=lambda m: print(m, flush=True))
+    return 0
+
+
 def _distributed_flags(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group(
         "multi-process", "jax.distributed starts by itself under SLURM (more than one task) and "
@@ -263,7 +273,37 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--step", type=int, default=None,
                    help="the checkpoint to export (default: the latest)")
     x.set_defaults(run=_export)
+    r = sub.add_parser("prepare", help="write an image folder or a TFDS split as record shards "
+                                       "(data.source=records), locally or to a bucket")
+    r.add_argument("--input", required=True,
+                   help="an image folder (labelled by first-level subfolder when every image "
+                        "lies in one) or tfds:NAME/SPLIT, e.g. tfds:imagenet2012/train")
+    r.add_argument("--output", required=True, help="an empty or new folder, local or gs://; "
+                                                   "the same command finishes an interrupted run")
+    r.add_argument("--data_dir", default=None, help="tfds: where the dataset is prepared")
+    r.add_argument("--workers", type=int, default=0,
+                   help="processes writing shards at once (default: the CPU count)")
+    r.add_argument("--shard_size", type=int, default=1024, help="images per shard")
+    r.add_argument("--strict", action="store_true",
+                   help="stop at the first image that cannot be read (default: skip and list it)")
+    r.add_argument("--unlabelled", action="store_true",
+                   help="store no labels even if the images lie in class subfolders")
+    r.add_argument("--max_pixels", type=int, default=None,
+                   help="width x height above which an image is refused (default 8192 x 8192)")
+    r.set_defaults(run=_prepare)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "prepare":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        try:
+            return args.run(args, [])
+        except ValueError as e:  # records.RecordsError: what to change, in one line
+            print(f"jaxssl: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("jaxssl: prepare stopped; run the same command again to finish it (the shards "
+                  "written are kept)", file=sys.stderr)
+            return 130
     sub_parser = {"train": p, "eval": e, "export": x}[args.command]
     overrides = _split_overrides(rest, sub_parser)
 
@@ -295,7 +335,12 @@ def main(argv: list[str] | None = None) -> int:
         from jaxssl.evaluate.features import NonFiniteFeaturesError
         from jaxssl.train import TrainingDiverged
 
-        if isinstance(e, (TrainingDiverged, NonFiniteFeaturesError, CheckpointWriteError)):
+        from jaxssl.data.records import RecordsError
+
+        # RecordsError here: records that became unreadable during a run (a shard corrupted
+        # or gone); what was saved is kept.
+        if isinstance(e, (TrainingDiverged, NonFiniteFeaturesError, CheckpointWriteError,
+                          RecordsError)):
             print(f"jaxssl: {e}", file=sys.stderr)
             return 1
         raise

@@ -49,10 +49,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "builtin"  # a key of jaxssl.data.sources.SOURCES
     c.data.name = ""  # tfds: the dataset name, e.g. "cifar10"
-    c.data.path = ""  # cifar10_npz: the .npz file; folder: the image folder
-    c.data.eval_path = ""  # folder: a labelled folder of kNN queries ("" = no kNN)
+    c.data.path = ""  # cifar10_npz: the .npz file; folder: the image folder; records: the
+    # directory `jaxssl prepare` wrote (local or gs://)
+    c.data.eval_path = ""  # folder/records: labelled kNN queries, same kind as path ("" = none)
     c.data.data_dir = ""  # tfds: the prepared data directory ("" = TFDS's default)
-    c.data.image_size = 0  # tfds/folder: resize to this square size when loading (0 = as stored)
+    c.data.image_size = 0  # tfds: resize to this square size when loading (0 = as stored);
+    # records with augment="device": the square size the host decodes each image to
     # folder: an image of more pixels (width x height, from its header) is a bad file, never
     # decoded, so a small file claiming a huge size cannot exhaust memory (0 = 8192 x 8192)
     c.data.max_pixels = 0
@@ -395,5 +397,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.data.source == "tfds":
         _check(bool(config.data.name), "data.source 'tfds' needs data.name, e.g. "
                                        "--config.data.name=cifar10")
-    if config.data.source in ("folder", "cifar10_npz"):
+    if config.data.source in ("folder", "cifar10_npz", "records"):
         _check(bool(config.data.path), f"data.source {config.data.source!r} needs data.path")

@@ -40,6 +40,9 @@ _LOADERS = {
         sources.load_folder(d.path, max_pixels=d.max_pixels or None) if train else
         sources.load_folder(d.eval_path, labelled=True, max_pixels=d.max_pixels or None)
         if d.eval_path else None),
+    "records": lambda d, split, train: (
+        sources.load_records(d.path) if train else
+        sources.load_records(d.eval_path) if d.eval_path else None),
 }
 
 
@@ -50,7 +53,12 @@ def load_data(d: ml_collections.ConfigDict, with_eval: bool, training: bool = Tr
         eval_source = _LOADERS[d.source](d, d.eval_split, False) if with_eval else None
     except (ValueError, FileNotFoundError) as e:  # loaders say what is wrong in one line
         raise ConfigError(str(e).splitlines()[0]) from e
-    if training and d.augment == "device" and train_source.images is None:
+    if training and d.augment == "device" and train_source.reader is not None:
+        if not d.image_size:
+            raise ConfigError(f"data.augment='device' from records decodes every image to one "
+                              f"size on the host: set data.image_size (e.g. 256 for "
+                              f"out_size 224), or use --config.data.augment=split")
+    elif training and d.augment == "device" and train_source.images is None:
         raise ConfigError(f"data.augment='device' needs images in memory; {train_source.name} is "
                           "read from files: use --config.data.augment=host (or split)")
     return train_source, eval_source

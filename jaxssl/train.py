@@ -394,7 +394,8 @@ def _train(config, workdir, mesh, n_dev, changed, lock, stop, stop_at_step, stre
             if main:
                 preview.write_preview(files.join(workdir, "augment_preview.png"),
                                       train_source, exp.recipe, d.out_size, seed=config.seed,
-                                      mode="device" if d.augment == "device" else "host")
+                                      mode="device" if d.augment == "device" else "host",
+                                      image_size=d.image_size or None)
             if knn_on:
                 t0 = time.perf_counter()
                 init_top1 = evaluate_knn(state, None)
@@ -411,7 +412,7 @@ def _train(config, workdir, mesh, n_dev, changed, lock, stop, stop_at_step, stre
             recipe=exp.recipe, out_size=d.out_size, start_step=start,
             num_steps=end - start, process_index=jax.process_index(),
             process_count=jax.process_count(), prefetch=d.prefetch,
-            threads=d.threads or None)
+            threads=d.threads or None, image_size=d.image_size or None)
         fields = ("images" if d.augment == "device" else "views",) + (
             ("labels",) if exp.probe_tx is not None else ())
         pending = None  # (step, metrics) of the newest step whose values are not yet checked

@@ -24,7 +24,8 @@ from jaxssl.data.tf_import import tf
 
 __all__ = ["crop_resize", "flip", "adjust_brightness", "adjust_contrast", "adjust_saturation",
            "adjust_hue", "to_grayscale", "gaussian_blur", "solarize", "sample_crop",
-           "augment_view", "two_views"]
+           "augment_view", "two_views", "two_views_encoded", "image_shape", "decode_window",
+           "decode_resized"]
 
 _CROP_TRIES = 10  # torchvision's RandomResizedCrop makes 10 attempts before its fallback
 _CROP_DRAWS = 2 * _CROP_TRIES + 2  # (area, log ratio) per try, then (y0, x0)
@@ -319,9 +320,80 @@ def two_views(image, seed, recipe: recipes.Recipe, out_size: int, mode: str, mea
                   mean, std)
 
 
-def _views(image, seed, views, out_size: int, ops, mean, std):
+def two_views_encoded(data, seed, recipe: recipes.Recipe, out_size: int, mode: str, mean, std):
+    """`two_views` of an encoded image: data, a scalar string of JPEG or PNG bytes (RGB or
+    grayscale, as `jaxssl prepare` stores them). Equal to two_views(decoded image, ...), but a
+    JPEG decodes only the union of the two crops (`decode_window`)."""
+    if mode not in ("host", "split"):
+        raise ValueError(f"two_views runs on the host for modes 'host' and 'split', not {mode!r}")
+    return _views(data, seed, (recipe.view1, recipe.view2), out_size, recipes.HOST_OPS[mode],
+                  mean, std, encoded=True)
+
+
+def _is_jpeg(data):
+    T = tf()
+    return T.equal(T.strings.substr(data, 0, 3), b"\xff\xd8\xff")
+
+
+def image_shape(data):
+    """(height, width), int32 [2], of JPEG or PNG bytes, read from the header alone."""
+    T = tf()
+
+    def png():  # the IHDR chunk: width then height, big-endian, at bytes 16-23
+        return T.reverse(T.reshape(T.io.decode_raw(T.strings.substr(data, 16, 8), T.int32,
+                                                   little_endian=False), [2]), [0])
+
+    hw = T.cond(_is_jpeg(data), lambda: T.io.extract_jpeg_shape(data)[:2], png)
+    return T.reshape(T.cast(hw, T.int32), [2])
+
+
+def decode_window(data, start, size):
+    """Pixels [y0:y0+h, x0:x0+w] (start = (y0, x0), size = (h, w), int32 [2]) of the JPEG or
+    PNG in `data`, as uint8 [h, w, 3] RGB (grayscale repeated). A JPEG decodes only the window
+    (tf.image.decode_and_crop_jpeg) and its pixels equal those of decoding it whole (with
+    Pillow, or TensorFlow's INTEGER_ACCURATE DCT); a PNG is decoded whole, then cropped."""
+    T = tf()
+    start, size = T.cast(start, T.int32), T.cast(size, T.int32)
+
+    def jpeg():
+        # libjpeg upsamples chroma from neighbouring pixels, which a window's edge lacks (its
+        # last column came out up to 33 levels off): decode a window grown to whole 16-pixel
+        # blocks plus one block each side, then cut. ISLOW, the DCT Pillow uses: the pixels
+        # equal Pillow's, so training (here) and evaluation (Pillow) see the same image.
+        hw = T.io.extract_jpeg_shape(data)[:2]
+        lo = T.maximum(start // 16 * 16 - 16, 0)
+        hi = T.minimum((start + size + 15) // 16 * 16 + 16, hw)
+        window = T.image.decode_and_crop_jpeg(data, T.concat([lo, hi - lo], 0), channels=3,
+                                              dct_method="INTEGER_ACCURATE")
+        return T.slice(window, T.concat([start - lo, [0]], 0), T.concat([size, [-1]], 0))
+
+    def png():
+        image = T.io.decode_png(data, channels=3)
+        return T.slice(image, T.concat([start, [0]], 0), T.concat([size, [-1]], 0))
+
+    return T.ensure_shape(T.cond(_is_jpeg(data), jpeg, png), [None, None, 3])
+
+
+def decode_resized(data, size: int, crop_fraction: float = 1.0):
+    """The image in `data` (JPEG or PNG bytes) resized so its shorter side is
+    size / crop_fraction (bilinear, antialiased) and centre-cropped to uint8 [size, size, 3]:
+    the fixed-size images a device-augmented run from records gets."""
+    T = tf()
+    hw = image_shape(data)
+    short = max(size, round(size / crop_fraction))
+    scale = T.cast(short, T.float32) / T.cast(T.reduce_min(hw), T.float32)
+    new = T.maximum(T.cast(T.round(T.cast(hw, T.float32) * scale), T.int32), short)
+    image = decode_window(data, T.zeros([2], T.int32), hw)
+    image = T.image.resize(image, new, method="bilinear", antialias=True)
+    top = (new - size) // 2
+    image = T.slice(image, T.concat([top, [0]], 0), [size, size, 3])
+    return T.ensure_shape(T.saturate_cast(T.round(image), T.uint8), [size, size, 3])
+
+
+def _views(image, seed, views, out_size: int, ops, mean, std, encoded: bool = False):
     """One view of `image` per ViewRecipe in `views`, from one stateless draw [V, _VIEW_DRAWS]:
-    row i, a disjoint range of Philox counters of `seed`, is view i's randomness."""
+    row i, a disjoint range of Philox counters of `seed`, is view i's randomness. encoded:
+    `image` is a scalar string of JPEG or PNG bytes (`two_views_encoded`)."""
     T = tf()
     u = T.random.stateless_uniform([len(views), _VIEW_DRAWS], _as_seed(seed), dtype=T.float64)
     u_crop, u = T.split(u, [_CROP_DRAWS, _VIEW_DRAWS - _CROP_DRAWS], axis=1)
@@ -331,7 +403,7 @@ def _views(image, seed, views, out_size: int, ops, mean, std):
     slots = _VIEW_DRAWS - _CROP_DRAWS
 
     image = T.convert_to_tensor(image)
-    hw = T.shape(image)[:2]
+    hw = image_shape(image) if encoded else T.shape(image)[:2]
     if "crop" not in ops:
         boxes = [(T.zeros([2], T.int32), hw)] * len(views)
     elif len({(v.crop_scale, v.crop_ratio) for v in views}) == 1:  # all crops in one go
@@ -340,6 +412,13 @@ def _views(image, seed, views, out_size: int, ops, mean, std):
     else:
         boxes = [tuple(b[0] for b in _crop_box(u_crop[i:i + 1], hw, v.crop_scale, v.crop_ratio))
                  for i, v in enumerate(views)]
+    if encoded:
+        # Decode only the union of the views' crops (a JPEG skips the blocks outside it), then
+        # cut each crop from it: the same pixels as decoding all and cropping.
+        lo = T.reduce_min(T.stack([b[0] for b in boxes]), axis=0)
+        hi = T.reduce_max(T.stack([b[0] + b[1] for b in boxes]), axis=0)
+        image = decode_window(image, lo, hi - lo)
+        boxes = [(start - lo, size) for start, size in boxes]
     return [_view(image, box, u[i * slots:(i + 1) * slots], view, out_size, ops, mean, std)
             for i, (view, box) in enumerate(zip(views, boxes))]
 

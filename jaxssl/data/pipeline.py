@@ -12,7 +12,9 @@ of an epoch (num_examples % global_batch examples, different each epoch) is drop
 
 Modes: "host" (all augmentation in tf.data), "split" (crop and flip in tf.data, colour and blur
 on the device), "device" (uint8 images straight from memory, all augmentation on the device;
-no TensorFlow needed).
+no TensorFlow needed). From records (encoded JPEG/PNG bytes read by index), tf.data decodes
+only the part of each image its crops need, and "device" mode gets the images decoded and
+resized to a fixed size on the host.
 """
 
 from __future__ import annotations
@@ -147,16 +149,67 @@ def _steps(start_step: int, num_steps: int | None):
         step += 1
 
 
-def _device_batches(source, plan: BatchPlan, start_step: int, num_steps: int | None):
+def _device_batches(source, plan: BatchPlan, start_step: int, num_steps: int | None,
+                    image_size: int | None, threads: int | None):
     if source.images is None:
-        raise ValueError(
-            f"augment='device' needs the images in memory as one array; source {source.name!r} "
-            "is read from files: use augment='host' or 'split'")
+        if source.reader is None or not image_size:
+            raise ValueError(
+                f"augment='device' needs the images in memory as one array, or records and an "
+                f"image_size; source {source.name!r} is read from files: use augment='host' or "
+                f"'split'")
+        yield from _decoded_batches(source, plan, start_step, num_steps, image_size, threads)
+        return
     for step in _steps(start_step, num_steps):
         idx = plan.indices(step)
         batch = {"images": source.images[idx]}
         if source.labels is not None:
             batch["labels"] = source.labels[idx]
+        yield batch
+
+
+def _bytes_dataset(T, source, plan: BatchPlan, start_step: int, num_steps: int | None):
+    """(encoded image, seed [2], label) per row of this process, in step order: one Python
+    call per step reads the batch's records; tf.data unbatches them in C++."""
+    labelled = source.labels is not None
+
+    def batches():
+        for step in _steps(start_step, num_steps):
+            idx = plan.indices(step)
+            labels = source.labels[idx] if labelled else np.zeros(len(idx), np.int32)
+            data = np.array(source.reader.read_bytes(idx), dtype=object)
+            yield data, plan.example_seeds(step), labels.astype(np.int32)
+
+    return T.data.Dataset.from_generator(batches, output_signature=(
+        T.TensorSpec((None,), T.string),
+        T.TensorSpec((None, 2), T.int64),
+        T.TensorSpec((None,), T.int32),
+    )).unbatch()
+
+
+def _options(T, threads: int | None):
+    options = T.data.Options()
+    options.deterministic = True  # parallel map, but outputs in order: batches are reproducible
+    if threads:
+        options.threading.private_threadpool_size = threads
+    return options
+
+
+def _decoded_batches(source, plan: BatchPlan, start_step: int, num_steps: int | None,
+                     image_size: int, threads: int | None):
+    """Device mode from records: each image decoded and resized to uint8 [image_size,
+    image_size, 3] (shorter side, centre crop) on the host; the device augments."""
+    from jaxssl.data import augment_tf
+    from jaxssl.data.tf_import import tf
+
+    T = tf()
+    ds = _bytes_dataset(T, source, plan, start_step, num_steps).with_options(_options(T, threads))
+    ds = ds.map(lambda data, seed, label: (augment_tf.decode_resized(data, image_size), label),
+                num_parallel_calls=threads or T.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(plan.local_batch, drop_remainder=True).prefetch(T.data.AUTOTUNE)
+    for images, labels in ds.as_numpy_iterator():
+        batch = {"images": images}
+        if source.labels is not None:
+            batch["labels"] = labels
         yield batch
 
 
@@ -187,6 +240,10 @@ def _host_dataset(source, plan: BatchPlan, *, recipe: Recipe, out_size: int, mod
             T.TensorSpec((None, 2), T.int64),
             T.TensorSpec((None,), T.int32),
         )).unbatch()
+    elif source.reader is not None:
+        # Records: encoded bytes into tf.data, where each is decoded only as far as its two
+        # crops need (augment_tf.two_views_encoded).
+        ds = _bytes_dataset(T, source, plan, start_step, num_steps)
     else:
         # Files: decoded here by source.read (a thread pool, Pillow), one image per element
         # because sizes differ.
@@ -200,15 +257,13 @@ def _host_dataset(source, plan: BatchPlan, *, recipe: Recipe, out_size: int, mod
             T.TensorSpec((), T.int32),
         ))
 
+    views = augment_tf.two_views_encoded if source.reader is not None else augment_tf.two_views
+
     def augment(image, seed, label):
-        v1, v2 = augment_tf.two_views(image, seed, recipe, out_size, mode, source.mean, source.std)
+        v1, v2 = views(image, seed, recipe, out_size, mode, source.mean, source.std)
         return (v1, v2), label
 
-    options = T.data.Options()
-    options.deterministic = True  # parallel map, but outputs in order: batches are reproducible
-    if threads:
-        options.threading.private_threadpool_size = threads
-    ds = ds.with_options(options)
+    ds = ds.with_options(_options(T, threads))
     ds = ds.map(augment, num_parallel_calls=threads or T.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(plan.local_batch, drop_remainder=True).prefetch(T.data.AUTOTUNE)
     for (v1, v2), labels in ds.as_numpy_iterator():
@@ -232,6 +287,7 @@ def make_pipeline(
     process_count: int = 1,
     prefetch: int = 2,
     threads: int | None = None,
+    image_size: int | None = None,
 ) -> Iterator[dict]:
     """Batches for steps start_step, start_step + 1, ... (num_steps of them, or forever).
 
@@ -240,12 +296,14 @@ def make_pipeline(
       mode "host":   "views" (v1, v2), float32 [b, S, S, 3], normalised;
       mode "split":  "views" (v1, v2), uint8 [b, S, S, 3], cropped and flipped;
     plus "labels" int32 [b] when the source has labels. S = out_size.
+    A source read from records (`source.reader`) gives "device" mode images decoded and resized
+    to image_size x image_size on the host (needs image_size).
     """
     if mode not in MODES:
         raise ValueError(f"unknown augmentation mode {mode!r}; choose one of {list(MODES)}")
     plan = BatchPlan(source.num_examples, global_batch, seed, process_index, process_count)
     if mode == "device":
-        batches = _device_batches(source, plan, start_step, num_steps)
+        batches = _device_batches(source, plan, start_step, num_steps, image_size, threads)
     else:
         if recipe is None or out_size is None:
             raise ValueError(f"mode {mode!r} augments on the host: pass recipe and out_size")

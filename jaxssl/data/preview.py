@@ -41,16 +41,21 @@ def preview_grid(originals, view1, view2, mean, std, *, cell: int = 96, pad: int
 
 
 def write_preview(path: str, source, recipe: Recipe, out_size: int, *, n: int = 8, seed: int = 0,
-                  mode: str = "device") -> str:
+                  mode: str = "device", image_size: int | None = None) -> str:
     """Write a PNG preview of `recipe` on the first n images of `source`; returns the path.
 
-    mode "device" uses the JAX augmentation (no TensorFlow needed; images must share one size),
-    "host" the tf.data one.
+    mode "device" uses the JAX augmentation (no TensorFlow needed; images must share one size,
+    or image_size gives the square size they are resized and centre-cropped to first, as a
+    device-augmented run from records does), "host" the tf.data one.
     """
     from PIL import Image
 
     idx = np.arange(min(n, source.num_examples))
     originals = source.images[idx] if source.images is not None else source.read(idx)
+    if mode == "device" and source.images is None and image_size:
+        from jaxssl.evaluate.features import eval_images
+
+        originals = eval_images(source, idx, image_size, crop_fraction=1.0)
     if mode == "device":
         import jax
 

@@ -8,6 +8,8 @@ and the per-channel mean/std that normalisation needs. Loaders, by the `kind` th
 - "cifar10_npz": `load_cifar10_npz`, the JPEG-bytes `.npz` of `../shared/data/cifar10/`.
 - "folder": `load_folder`, any directory tree of image files, labelled by subfolder or not.
 - "tfds": `load_tfds`, a prepared TensorFlow Datasets dataset, read into memory.
+- "records": `load_records`, the record shards `jaxssl prepare` writes (`data/records.py`),
+  read by index: start-up reads their index only, and images are read as batches need them.
 
 `from_arrays` wraps images already in memory. Importing this module loads neither TensorFlow
 nor TensorFlow Datasets; only `load_tfds` does, when called.
@@ -20,6 +22,7 @@ import difflib
 import io
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -28,7 +31,7 @@ from jaxssl.data.builtin import load_builtin
 from jaxssl.data.folder import load_folder, pixel_histogram, read_files
 
 __all__ = ["SOURCES", "Source", "from_arrays", "load_builtin", "load_cifar10_npz", "load_folder",
-           "load_source", "load_tfds"]
+           "load_records", "load_source", "load_tfds"]
 
 # Pixels that enter the mean/std of an in-memory dataset: 16M is exact enough and takes ~0.1 s.
 _STATS_PIXELS = 1 << 24
@@ -39,8 +42,10 @@ _CIFAR_README = "../shared/data/cifar10/README.md"
 class Source:
     """A dataset with random access.
 
-    images: uint8 [N, H, W, 3] when held in memory (all the same size), else None and `read`
-    decodes from `paths` (images may then differ in size). labels: int32 [N] indices into
+    images: uint8 [N, H, W, 3] when held in memory (all the same size); else None and `read`
+    decodes from `paths`, or from `reader` (an object with `read(indices)` and
+    `read_bytes(indices)`, the encoded JPEG/PNG bytes, e.g. `records.Records`); images may then
+    differ in size. labels: int32 [N] indices into
     class_names, or None when unlabelled. mean, std: per channel, of pixel / 255 (float, RGB
     order). skipped: (path, reason) of files found but not readable, which are not in the
     dataset. max_pixels: the largest image `read` decodes from `paths` (None: the default of
@@ -57,15 +62,16 @@ class Source:
     paths: tuple[str, ...] | None = None
     skipped: tuple[tuple[str, str], ...] = ()
     max_pixels: int | None = None
+    reader: Any = None
 
     def __post_init__(self):
-        if (self.images is None) == (self.paths is None):
-            raise ValueError("a Source needs exactly one of images (in memory) or paths")
+        if sum(x is not None for x in (self.images, self.paths, self.reader)) != 1:
+            raise ValueError("a Source needs exactly one of images (in memory), paths or reader")
         if self.images is not None:
             if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
                 raise ValueError(f"Source images must be uint8 [N, H, W, 3], got "
                                  f"{self.images.dtype} {self.images.shape}; use from_arrays")
-        count = len(self.images) if self.images is not None else len(self.paths)
+        count = len(next(x for x in (self.images, self.paths, self.reader) if x is not None))
         if count != self.num_examples:
             raise ValueError(f"Source has {count} images but num_examples={self.num_examples}")
         if self.labels is not None and (self.labels.dtype != np.int32 or self.labels.shape != (count,)):
@@ -78,6 +84,8 @@ class Source:
         """The images at `indices`, in order: uint8 [H, W, 3] RGB each."""
         if self.images is not None:
             return [self.images[i] for i in indices]
+        if self.reader is not None:
+            return self.reader.read(indices)
         return read_files([self.paths[i] for i in indices], max_pixels=self.max_pixels)
 
 
@@ -334,11 +342,24 @@ def load_tfds(name: str, split: str = "train", *, data_dir: str | os.PathLike | 
                   mean=mean, std=std, images=images)
 
 
+def load_records(path: str | os.PathLike) -> Source:
+    """The records `jaxssl prepare` wrote to `path` (a folder or gs:// prefix), read by index.
+
+    Start-up reads index.json and index.npz and checks the shards are there (their sizes too,
+    locally); images are read and decoded only when a batch asks for them. Errors are one-line
+    `records.RecordsError`s (a ValueError) that say what to do.
+    """
+    from jaxssl.data import records
+
+    return records.source_from_records(os.fspath(path))
+
+
 SOURCES = {
     "builtin": load_builtin,
     "cifar10_npz": load_cifar10_npz,
     "folder": load_folder,
     "tfds": load_tfds,
+    "records": load_records,
 }
 
 
