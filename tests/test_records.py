@@ -340,12 +340,12 @@ def straight_from_records(prepared, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("from_records")
     result = train.train(_records_config(prepared[0]), str(workdir))
     assert result.status == "done" and result.step == 12
-    return result, records_without_timing(workdir)
+    return result, records_without_timing(workdir), workdir
 
 
 def test_training_from_records_resumes_bitwise_after_kill_9(prepared, straight_from_records,
                                                            tmp_path):
-    reference, reference_records = straight_from_records
+    reference, reference_records, _ = straight_from_records
     assert any("eval/knn_top1" in r for r in reference_records)
     workdir = tmp_path / "killed"
     overrides = [f"--config.{k}={v}" for k, v in TINY + RECORDS_RUN + [
@@ -364,3 +364,27 @@ def test_training_from_records_resumes_bitwise_after_kill_9(prepared, straight_f
     assert result.step == 12
     assert_same_state(reference.state, result.state)
     assert records_without_timing(workdir) == reference_records
+
+
+def test_evaluations_read_records_in_batches(prepared, straight_from_records, tmp_path,
+                                             monkeypatch):
+    """kNN, the linear probe and fine-tuning from records: images are read a batch at a time
+    (never the whole split), and kNN equals the trainer's monitor at the same step."""
+    from jaxssl import evaluation
+
+    workdir = tmp_path / "eval"
+    shutil.copytree(straight_from_records[2], workdir)
+    biggest = []
+    real = records.Records.read_bytes
+    monkeypatch.setattr(records.Records, "read_bytes",
+                        lambda self, idx: biggest.append(len(idx)) or real(self, idx))
+    config = _records_config(prepared[0], ("eval.linear_epochs", "2"),
+                             ("eval.finetune_epochs", "1"), ("eval.finetune_fraction", "0.5"))
+    knn = evaluation.evaluate("knn", config, str(workdir))
+    monitor = [r for r in straight_from_records[1] if "eval/knn_top1" in r][-1]
+    assert knn["step"] == monitor["step"] == 12
+    assert knn["top1"] == pytest.approx(monitor["eval/knn_top1"], abs=1e-6)
+    for kind in ("linear", "finetune"):
+        result = evaluation.evaluate(kind, config, str(workdir))
+        assert 0.0 <= result["top1"] <= result["top5"] <= 1.0
+    assert max(biggest) <= 96  # eval.batch_size, 90, rounded up to the 8 devices
