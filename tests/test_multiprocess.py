@@ -268,3 +268,33 @@ def test_bad_flags(argv, match, tmp_path, capsys):
     assert cli.main(["train", "--workdir", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and match in err, err
+
+
+def test_two_processes_reading_records_equal_one_process(tmp_path):
+    """2 processes x 4 devices training from records equal 1 x 8: each process reads its own
+    rows of each global batch (the split-mode host crops, then the device's colour ops)."""
+    from jaxssl.data import records
+    from test_records import _make_folder
+
+    recs = tmp_path / "recs"
+    records.prepare(str(_make_folder(tmp_path / "images", 96)), str(recs), shard_size=40,
+                    workers=1, say=lambda m: None)
+    extra = [("num_steps", "4"), ("eval.knn", "False"), ("checkpoint_every_steps", "4"),
+             ("optim.base_lr", "0.00005"), ("data.source", "records"),
+             ("data.path", str(recs)), ("data.augment", "split")]
+    single = train.train(tiny_config(*extra), str(tmp_path / "single"))
+    workdir = tmp_path / "multi"
+    launcher = _launch(tmp_path, "train", "--config", "demo", "--workdir", str(workdir),
+                       "--distributed_timeout", "120",
+                       *[f"--config.{k}={v}" for k, v in TINY + extra])
+    _finish(launcher, tmp_path)
+    got, want = records_without_timing(workdir), records_without_timing(tmp_path / "single")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [2, 4]
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a["train/loss"], b["train/loss"], rtol=1e-4)
+    template = jax.device_get(single.state)
+    step, multi = _saved_params(workdir, template)
+    assert step == 4
+    for a, b in zip(jax.tree.leaves(multi), jax.tree.leaves((template.batch_stats,
+                                                           template.params))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-5)
