@@ -1,14 +1,15 @@
 """MoCo v2 on ImageNet: ResNet-50, K = 65536, momentum 0.999, 200 epochs.
 
-    jaxssl train --config configs/mocov2_imagenet.py --workdir runs/mocov2_in1k \
-        --config.data.path=/data/imagenet/train --config.data.eval_path=/data/imagenet/val
+    jaxssl train --config configs/mocov2_imagenet.py --workdir gs://BUCKET/runs/mocov2_in1k \
+        --config.data.path=gs://BUCKET/imagenet/train \
+        --config.data.eval_path=gs://BUCKET/imagenet/val
 
 Evaluate (linear probe; fine-tuning on 1% of the labels):
 
-    jaxssl eval linear --workdir runs/mocov2_in1k
-    jaxssl eval finetune --workdir runs/mocov2_in1k --config.eval.finetune_fraction=0.01
+    jaxssl eval linear --workdir gs://BUCKET/runs/mocov2_in1k
+    jaxssl eval finetune --workdir gs://BUCKET/runs/mocov2_in1k --config.eval.finetune_fraction=0.01
 
-Folders as in configs/simclr_imagenet.py. `configs/mocov2_imagenet.py:800` trains 800 epochs.
+Records made by `jaxssl prepare` (or TFDS array_record) as in configs/simclr_imagenet.py. `configs/mocov2_imagenet.py:800` trains 800 epochs.
 
 The MoCo v2 paper's recipe: batch 256, SGD (momentum 0.9) with lr 0.03 x batch/256 and a
 cosine schedule, weight decay 1e-4, temperature 0.2, a 2048-d MLP head to 128, the "mocov2"
@@ -30,7 +31,7 @@ def get_config(epochs: str = "200"):
     config.eval_every_steps = 5004 * 10  # every 10 epochs (5004 steps an epoch)
     config.checkpoint_every_steps = 2500
 
-    config.data.source = "folder"
+    config.data.source = "records"  # data.path, data.eval_path: set on the command line
     config.data.recipe = "mocov2"
     config.data.augment = "split"
     config.data.out_size = 224

@@ -1,18 +1,29 @@
 """SimCLR on ImageNet: ResNet-50, batch 4096, LARS 0.3 x B/256, global BN, for TPU pods.
 
-    jaxssl train --config configs/simclr_imagenet.py --workdir runs/simclr_in1k \
-        --config.data.path=/data/imagenet/train --config.data.eval_path=/data/imagenet/val
+Prepare the data once (local or in a bucket; parallel, resumable, each image checked):
+
+    jaxssl prepare --input /data/imagenet/train --output gs://BUCKET/imagenet/train
+    jaxssl prepare --input /data/imagenet/val --output gs://BUCKET/imagenet/val
+
+then train (on a multi-host slice: `launch/tpu_vm.sh run -- ...` with the same flags):
+
+    jaxssl train --config configs/simclr_imagenet.py --workdir gs://BUCKET/runs/simclr_in1k \
+        --config.data.path=gs://BUCKET/imagenet/train \
+        --config.data.eval_path=gs://BUCKET/imagenet/val
 
 Evaluate (linear probe; fine-tuning on 1% of the labels):
 
-    jaxssl eval linear --workdir runs/simclr_in1k
-    jaxssl eval finetune --workdir runs/simclr_in1k --config.eval.finetune_fraction=0.01
+    jaxssl eval linear --workdir gs://BUCKET/runs/simclr_in1k
+    jaxssl eval finetune --workdir gs://BUCKET/runs/simclr_in1k --config.eval.finetune_fraction=0.01
 
-The image folders hold one subfolder per class (the usual ILSVRC-2012 layout); the validation
-folder gives the kNN queries. Crops and flips run on the host, colour and blur on the
-accelerator (`data.augment="split"`). `configs/simclr_imagenet.py:1000` trains 1000 epochs.
-Multi-host pods (jax.distributed, a shared gs:// workdir) come with the scale-out work; today
-the workdir is a local path.
+The input folders hold one subfolder per class (the usual ILSVRC-2012 layout; `jaxssl prepare
+--input tfds:imagenet2012/train` reads a prepared TFDS copy instead); the validation records
+give the kNN queries. Start-up reads the records' index only; each process reads its own rows
+of every batch. A TFDS imagenet2012 prepared in the array_record format is read directly with
+`--config.data.source=tfds --config.data.name=imagenet2012 --config.data.eval_split=validation`.
+The host decodes only the part of each JPEG that a crop keeps, crops and flips; the
+accelerator does colour and blur (`data.augment="split"`). `configs/simclr_imagenet.py:1000`
+trains 1000 epochs.
 
 The SimCLR paper's recipe: LARS with lr 0.3 x batch/256 (4.8 at 4096), 10 warmup epochs then
 cosine, weight decay 1e-6 off biases and BN, temperature 0.1, a 2048-2048-128 head with BN on
@@ -33,7 +44,7 @@ def get_config(epochs: str = "100"):
     config.eval_every_steps = 312 * 10  # every 10 epochs (312 steps an epoch)
     config.checkpoint_every_steps = 1000
 
-    config.data.source = "folder"
+    config.data.source = "records"  # data.path, data.eval_path: set on the command line
     config.data.recipe = "simclr"
     config.data.augment = "split"
     config.data.out_size = 224

@@ -22,7 +22,7 @@ def test_every_config_loads_validates_and_documents_its_command(path):
     assert "jaxssl train --config configs/" + os.path.basename(path) in module_doc
     assert "xpected" in module_doc  # the result it is expected to reach
     config = configuration.load_config(path)
-    if config.data.source in ("folder", "cifar10_npz") and not config.data.path:
+    if config.data.source in ("folder", "cifar10_npz", "records") and not config.data.path:
         configuration.apply_overrides(config, [("data.path", "/data/x")])
     configuration.validate(config)
     assert set(configuration.flat_fields(config)) == set(

@@ -388,3 +388,20 @@ def test_evaluations_read_records_in_batches(prepared, straight_from_records, tm
         result = evaluation.evaluate(kind, config, str(workdir))
         assert 0.0 <= result["top1"] <= result["top5"] <= 1.0
     assert max(biggest) <= 96  # eval.batch_size, 90, rounded up to the 8 devices
+
+
+@pytest.mark.parametrize("name", ["simclr_imagenet", "mocov2_imagenet"])
+def test_the_imagenet_configs_read_records(prepared, name):
+    from jaxssl import experiment, parallel
+
+    config = configuration.load_config(name)
+    assert (config.data.source, config.data.augment, config.data.out_size) == ("records", "split", 224)
+    with pytest.raises(configuration.ConfigError, match="needs data.path"):
+        configuration.validate(config)
+    configuration.apply_overrides(config, [("data.path", str(prepared[0])),
+                                           ("data.eval_path", str(prepared[0])),
+                                           ("batch_size", "64")])
+    configuration.validate(config)
+    exp = experiment.build(config, parallel.make_mesh(), with_eval=True)
+    assert exp.train_source.reader is not None and exp.eval_source.num_examples == 180
+    assert exp.plan.steps_per_epoch == 180 // 64
