@@ -15,6 +15,8 @@ commands:
   run       run `python -m jaxssl train TRAIN_ARGS...` on every worker at once; after a
             preemption (spot VMs, maintenance) run the same command again: it resumes from the
             last checkpoint in the workdir
+  eval      run `python -m jaxssl eval EVAL_ARGS...` on every worker at once (e.g.
+            `-- linear --workdir gs://BUCKET/run`)
   status    describe the TPU VM (or the queued resource)
   delete    delete the TPU VM (and the queued resource)
 
@@ -90,6 +92,9 @@ case "$command" in
   run)
     [[ $# -eq 0 ]] && { echo "tpu_vm.sh run: give the train arguments after --" >&2; exit 2; }
     on_workers "cd jaxssl && . .venv/bin/activate && python -m jaxssl train $(printf '%q ' "$@")" ;;
+  eval)
+    [[ $# -eq 0 ]] && { echo "tpu_vm.sh eval: give the eval arguments after --" >&2; exit 2; }
+    on_workers "cd jaxssl && . .venv/bin/activate && python -m jaxssl eval $(printf '%q ' "$@")" ;;
   status)
     if [[ $queued -eq 1 ]]; then gc compute tpus queued-resources describe "$name" "${common[@]}"
     else gc compute tpus tpu-vm describe "$name" "${common[@]}"; fi ;;
