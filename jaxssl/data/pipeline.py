@@ -19,8 +19,11 @@ resized to a fixed size on the host.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import functools
+import itertools
 import queue
 import threading
 from typing import Any, Iterator
@@ -32,6 +35,8 @@ from jaxssl.data.recipes import HOST_OPS, Recipe
 __all__ = ["BatchPlan", "epoch_permutation", "make_pipeline", "MODES"]
 
 MODES = ("host", "split", "device")
+# Steps whose records are read ahead of the one tf.data is decoding.
+READ_AHEAD = 2
 
 
 @functools.lru_cache(maxsize=4)
@@ -172,12 +177,25 @@ def _bytes_dataset(T, source, plan: BatchPlan, start_step: int, num_steps: int |
     call per step reads the batch's records; tf.data unbatches them in C++."""
     labelled = source.labels is not None
 
+    def read(step):
+        idx = plan.indices(step)
+        labels = source.labels[idx] if labelled else np.zeros(len(idx), np.int32)
+        data = np.array(source.reader.read_bytes(idx), dtype=object)
+        return data, plan.example_seeds(step), labels.astype(np.int32)
+
     def batches():
-        for step in _steps(start_step, num_steps):
-            idx = plan.indices(step)
-            labels = source.labels[idx] if labelled else np.zeros(len(idx), np.int32)
-            data = np.array(source.reader.read_bytes(idx), dtype=object)
-            yield data, plan.example_seeds(step), labels.astype(np.int32)
+        # The next READ_AHEAD steps' records are read on a thread while tf.data decodes this
+        # one: from a bucket a step's reads take a round trip or more (tens of ms).
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxssl-read") as pool:
+            ahead = collections.deque()
+            steps = iter(_steps(start_step, num_steps))
+            for step in itertools.islice(steps, READ_AHEAD):
+                ahead.append(pool.submit(read, step))
+            while ahead:
+                batch = ahead.popleft().result()
+                for step in itertools.islice(steps, 1):
+                    ahead.append(pool.submit(read, step))
+                yield batch
 
     return T.data.Dataset.from_generator(batches, output_signature=(
         T.TensorSpec((None,), T.string),
