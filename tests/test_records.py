@@ -408,3 +408,29 @@ def test_the_imagenet_configs_read_records(prepared, name):
     exp = experiment.build(config, parallel.make_mesh(), with_eval=True)
     assert exp.train_source.reader is not None and exp.eval_source.num_examples == 180
     assert exp.plan.steps_per_epoch == 180 // 64
+
+
+def test_a_shard_damaged_during_a_run_ends_it_with_one_line_and_loses_nothing(
+        prepared, straight_from_records, tmp_path, capsys):
+    reference, reference_records, _ = straight_from_records
+    out = _copy(prepared, tmp_path)
+    good = (out / "shard-00001-of-00004.rec").read_bytes()
+    r = records.Records(out)
+    with open(out / "shard-00001-of-00004.rec", "r+b") as f:  # every record of the shard
+        for offset in r.offset[r.shard == 1]:
+            f.seek(int(offset) + 20)
+            f.write(b"xyz")
+    workdir = tmp_path / "run"
+    args = ["train", "--config", "demo", "--workdir", str(workdir)] + [
+        f"--config.{k}={v}" for k, v in TINY + RECORDS_RUN + [
+            ("data.source", "records"), ("data.path", out), ("data.eval_path", out)]]
+    assert cli.main(args) == 1
+    err = _one_line_error(capsys)
+    assert err.startswith("jaxssl: record ") and "in shard shard-00001-of-00004.rec of" in err
+    assert "fails its checksum" in err
+    # The shard restored, the same command completes the run as if nothing had happened.
+    (out / "shard-00001-of-00004.rec").write_bytes(good)
+    assert cli.main(args) == 0
+    result = train.train(_records_config(out), str(workdir))  # already done: restores
+    assert result.step == 12
+    assert_same_state(reference.state, result.state)

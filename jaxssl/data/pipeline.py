@@ -172,9 +172,13 @@ def _device_batches(source, plan: BatchPlan, start_step: int, num_steps: int | N
         yield batch
 
 
-def _bytes_dataset(T, source, plan: BatchPlan, start_step: int, num_steps: int | None):
+def _bytes_dataset(T, source, plan: BatchPlan, start_step: int, num_steps: int | None,
+                   failed: list):
     """(encoded image, seed [2], label) per row of this process, in step order: one Python
-    call per step reads the batch's records; tf.data unbatches them in C++."""
+    call per step reads the batch's records; tf.data unbatches them in C++. A read that fails
+    (a damaged shard: records.RecordsError) ends the dataset and is appended to `failed`, for
+    the consumer to raise as it is after the last whole batch: raised inside tf.data it would
+    come out wrapped, with TensorFlow's logs of a Python traceback."""
     labelled = source.labels is not None
 
     def read(step):
@@ -192,7 +196,11 @@ def _bytes_dataset(T, source, plan: BatchPlan, start_step: int, num_steps: int |
             for step in itertools.islice(steps, READ_AHEAD):
                 ahead.append(pool.submit(read, step))
             while ahead:
-                batch = ahead.popleft().result()
+                try:
+                    batch = ahead.popleft().result()
+                except Exception as e:
+                    failed.append(e)
+                    return
                 for step in itertools.islice(steps, 1):
                     ahead.append(pool.submit(read, step))
                 yield batch
@@ -220,7 +228,9 @@ def _decoded_batches(source, plan: BatchPlan, start_step: int, num_steps: int | 
     from jaxssl.data.tf_import import tf
 
     T = tf()
-    ds = _bytes_dataset(T, source, plan, start_step, num_steps).with_options(_options(T, threads))
+    failed = []
+    ds = _bytes_dataset(T, source, plan, start_step, num_steps, failed)
+    ds = ds.with_options(_options(T, threads))
     ds = ds.map(lambda data, seed, label: (augment_tf.decode_resized(data, image_size), label),
                 num_parallel_calls=threads or T.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(plan.local_batch, drop_remainder=True).prefetch(T.data.AUTOTUNE)
@@ -229,6 +239,8 @@ def _decoded_batches(source, plan: BatchPlan, start_step: int, num_steps: int | 
         if source.labels is not None:
             batch["labels"] = labels
         yield batch
+    if failed:
+        raise failed[0]
 
 
 def _host_dataset(source, plan: BatchPlan, *, recipe: Recipe, out_size: int, mode: str,
@@ -238,6 +250,7 @@ def _host_dataset(source, plan: BatchPlan, *, recipe: Recipe, out_size: int, mod
 
     T = tf()
     labelled = source.labels is not None
+    failed = []
 
     def steps():
         # This process's rows, step by step in order, with their stateless seeds.
@@ -261,7 +274,7 @@ def _host_dataset(source, plan: BatchPlan, *, recipe: Recipe, out_size: int, mod
     elif source.reader is not None:
         # Records: encoded bytes into tf.data, where each is decoded only as far as its two
         # crops need (augment_tf.two_views_encoded).
-        ds = _bytes_dataset(T, source, plan, start_step, num_steps)
+        ds = _bytes_dataset(T, source, plan, start_step, num_steps, failed)
     else:
         # Files: decoded here by source.read (a thread pool, Pillow), one image per element
         # because sizes differ.
@@ -289,6 +302,8 @@ def _host_dataset(source, plan: BatchPlan, *, recipe: Recipe, out_size: int, mod
         if labelled:
             batch["labels"] = labels
         yield batch
+    if failed:
+        raise failed[0]
 
 
 def make_pipeline(
