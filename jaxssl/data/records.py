@@ -283,6 +283,14 @@ class _Input:
     data_dir: str | None = None
     image_key: str = ""
     has_label: bool = False
+    start: int = 0  # a part of the input (`part`): its first index
+
+    def part(self, start: int, stop: int) -> "_Input":
+        """Inputs [start, stop) alone: what one shard's worker is sent (not 1.28M paths)."""
+        return dataclasses.replace(
+            self, count=stop - start, start=self.start + start,
+            paths=self.paths[start:stop] if self.paths else (),
+            labels=None if self.labels is None else self.labels[start:stop])
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(self.description.encode())
@@ -350,12 +358,12 @@ def _tfds_input(spec: str, data_dir: str | None) -> _Input:
                   has_label=has_label)
 
 
-def _items(inp: _Input, start: int, stop: int):
-    """(source id, bytes or an exception, label, formats) of inputs [start, stop)."""
+def _items(inp: _Input):
+    """(source id, bytes or an exception, label, formats) of every input of `inp`."""
     if inp.kind == "folder":
         from jaxssl.data.folder import image_formats
 
-        for i in range(start, stop):
+        for i in range(inp.count):
             path = os.path.join(inp.root, inp.paths[i])
             label = int(inp.labels[i]) if inp.labels is not None else -1
             try:
@@ -371,6 +379,7 @@ def _items(inp: _Input, start: int, stop: int):
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(inp.tfds_name, data_dir=inp.data_dir, try_gcs=False)
+    start, stop = inp.start, inp.start + inp.count
     ds = builder.as_dataset(split=f"{inp.tfds_split}[{start}:{stop}]", shuffle_files=False,
                             decoders={inp.image_key: tfds.decode.SkipDecoding()})
     for j, ex in enumerate(tfds.as_numpy(ds)):
@@ -406,15 +415,15 @@ def _checked(data: bytes, formats, max_pixels: int) -> tuple[bytes, np.ndarray, 
     return out.getvalue(), rgb, True
 
 
-def _write_shard(inp: _Input, output: str, i: int, n_shards: int, shard_size: int,
-                 strict: bool, max_pixels: int) -> dict:
-    """Writes shard i and its part file; returns the part's summary."""
+def _write_shard(inp: _Input, output: str, i: int, n_shards: int, strict: bool,
+                 max_pixels: int) -> dict:
+    """Writes shard i of n_shards from `inp` (that shard's part of the input) and its part
+    file; returns the part's summary."""
     from jaxssl.data.folder import _one_line, pixel_histogram
 
-    start, stop = i * shard_size, min(inp.count, (i + 1) * shard_size)
     blob, offsets, lengths, crcs, labels, skipped = io.BytesIO(), [], [], [], [], []
     hist, converted = np.zeros((3, 256), np.int64), 0
-    for j, (ident, data, label, formats) in enumerate(_items(inp, start, stop)):
+    for j, (ident, data, label, formats) in enumerate(_items(inp)):
         try:
             if isinstance(data, Exception):
                 raise data
@@ -538,14 +547,17 @@ def prepare(input: str, output: str, *, data_dir: str | None = None,
         if done == len(todo) or done % max(1, len(todo) // 20) == 0:
             say(f"shard {done}/{len(todo)} written ({time.monotonic() - started:.0f} s)")
 
-    args = (n_shards, shard_size, strict, limit)
+    def task(i: int) -> tuple:
+        return (inp.part(i * shard_size, min(inp.count, (i + 1) * shard_size)), output, i,
+                n_shards, strict, limit)
+
     if workers <= 1:
         for i in todo:
-            report(_write_shard(inp, output, i, *args))
+            report(_write_shard(*task(i)))
     else:
         ctx = multiprocessing.get_context("spawn")  # no forked copy of TensorFlow's threads
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            futures = [pool.submit(_write_shard, inp, output, i, *args) for i in todo]
+            futures = [pool.submit(_write_shard, *task(i)) for i in todo]
             try:
                 for f in concurrent.futures.as_completed(futures):
                     report(f.result())
