@@ -65,6 +65,17 @@ def _saved_params(workdir, template):
         ckpt.close()
 
 
+def _assert_saved_params_close(workdir, state, want_step):
+    """The newest checkpoint of workdir is at want_step and its parameters and BatchNorm
+    statistics equal `state`'s up to float32 summation order."""
+    template = jax.device_get(state)
+    step, saved = _saved_params(workdir, template)
+    assert step == want_step
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves((template.batch_stats,
+                                                           template.params))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-5)
+
+
 def _launch(tmp_path, *args):
     """launch/local_multiprocess.sh -n 2 -d 4 ARGS: two processes of 4 CPU devices."""
     script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "launch",
@@ -159,12 +170,7 @@ def test_two_processes_of_4_devices_equal_one_process_of_8_through_sigterm_and_r
             # above; 2.25e-4 was seen on an AMD EPYC at the previous learning rate).
             rtol = 1e-3 if key == "train/grad_norm" else 1e-4
             np.testing.assert_allclose(a[key], b[key], rtol=rtol, err_msg=f"{key} @ {b['step']}")
-    template = jax.device_get(single.state)
-    step, multi = _saved_params(workdir, template)
-    assert step == 18
-    for a, b in zip(jax.tree.leaves(multi), jax.tree.leaves((template.batch_stats,
-                                                           template.params))):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-5)
+    _assert_saved_params_close(workdir, single.state, 18)
 
     # Evaluation across the same two processes (two kinds in one command) equals this
     # process's on 8 devices: the linear probe (labels and classifier placed by every process)
@@ -292,9 +298,4 @@ def test_two_processes_reading_records_equal_one_process(tmp_path):
     assert [r["step"] for r in got] == [r["step"] for r in want] == [2, 4]
     for a, b in zip(got, want):
         np.testing.assert_allclose(a["train/loss"], b["train/loss"], rtol=1e-4)
-    template = jax.device_get(single.state)
-    step, multi = _saved_params(workdir, template)
-    assert step == 4
-    for a, b in zip(jax.tree.leaves(multi), jax.tree.leaves((template.batch_stats,
-                                                           template.params))):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-5)
+    _assert_saved_params_close(workdir, single.state, 4)
