@@ -7,7 +7,6 @@ is prepared once and shared.
 """
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ import pytest
 from PIL import Image
 
 from jaxssl import cli, configuration, train
-from jaxssl.data import folder, pipeline, records, recipes, sources
+from jaxssl.data import pipeline, records, recipes, sources
 from test_files import bucket  # noqa: F401 (a fixture)
 from test_train import TINY, assert_same_state, records_without_timing
 
@@ -289,7 +288,7 @@ def test_prepare_in_parallel_equals_prepare_in_one_process(images, prepared, tmp
     assert (out / "index.npz").read_bytes() == (prepared[0] / "index.npz").read_bytes()
 
 
-def test_records_in_a_bucket(images, prepared, bucket):
+def test_records_in_a_bucket(images, prepared, bucket):  # noqa: F811 (the fixture)
     from test_files import stored
 
     records.prepare(str(images), "gs://b/recs", shard_size=50, workers=1, say=lambda m: None)
