@@ -312,7 +312,7 @@ def test_tfds_prepared(tiny_tfds):
         sources.load_tfds(name, "validation", data_dir=data_dir)
     assert_one_line(excinfo, "no split 'validation'", "train, unlabelled")
     with pytest.raises(ValueError) as excinfo:
-        sources.load_tfds(name, "train", data_dir=data_dir, max_gib=1e-9)
+        sources.load_tfds(name, "train", data_dir=data_dir, max_gib=1e-9, read="memory")
     assert_one_line(excinfo, "GiB in memory")
 
 

@@ -330,16 +330,25 @@ def make_pipeline(
       mode "split":  "views" (v1, v2), uint8 [b, S, S, 3], cropped and flipped;
     plus "labels" int32 [b] when the source has labels. S = out_size.
     A source read from records (`source.reader`) gives "device" mode images decoded and resized
-    to image_size x image_size on the host (needs image_size).
+    to image_size x image_size on the host (needs image_size). A streamed source (a reader with
+    `stream_batches`, `data/tfds_stream.py`) gives the same batches, its rows in the order its
+    stream draws from (seed, epoch) instead of the plan's permutation.
     """
     if mode not in MODES:
         raise ValueError(f"unknown augmentation mode {mode!r}; choose one of {list(MODES)}")
     plan = BatchPlan(source.num_examples, global_batch, seed, process_index, process_count)
-    if mode == "device":
+    if mode != "device" and (recipe is None or out_size is None):
+        raise ValueError(f"mode {mode!r} augments on the host: pass recipe and out_size")
+    if getattr(source.reader, "stream_batches", None) is not None:
+        # No random access (a streamed TFDS split): the reader streams this process's rows in
+        # an order of (seed, epoch) and gives them the plan's per-position seeds.
+        batches = source.reader.stream_batches(
+            plan, mode=mode, recipe=recipe, out_size=out_size, mean=source.mean, std=source.std,
+            labelled=source.labels is not None, start_step=start_step, num_steps=num_steps,
+            threads=threads, image_size=image_size)
+    elif mode == "device":
         batches = _device_batches(source, plan, start_step, num_steps, image_size, threads)
     else:
-        if recipe is None or out_size is None:
-            raise ValueError(f"mode {mode!r} augments on the host: pass recipe and out_size")
         assert HOST_OPS[mode]
         batches = _host_dataset(source, plan, recipe=recipe, out_size=out_size, mode=mode,
                                 start_step=start_step, num_steps=num_steps, threads=threads)
