@@ -183,7 +183,9 @@ def test_an_interrupted_prepare_finishes_with_the_same_records(images, prepared,
            str(out), "--shard_size", "50", "--workers", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
-    while not (out / "parts").is_dir() or not os.listdir(out / "parts"):
+    # Until the first part file is complete (write_bytes renames a hidden temporary into place).
+    while not (out / "parts").is_dir() or not [n for n in os.listdir(out / "parts")
+                                               if not n.startswith(".")]:
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
         time.sleep(0.005)
     proc.kill()
