@@ -312,6 +312,11 @@ def _train(config, workdir, mesh, n_dev, changed, lock, stop, stop_at_step, stre
     ckpt_dir = files.join(workdir, "checkpoints")
     knn_on = config.eval.knn and eval_source is not None and train_source.labels is not None \
         and eval_source.labels is not None
+    if knn_on and not getattr(train_source.reader, "random_access", True):
+        knn_on = False
+        say(f"note: the kNN monitor is off: {train_source.name} is streamed (no random access "
+            f"to build its bank); prepare it as array_record (`tfds build --file_format="
+            f"array_record`) or with `jaxssl prepare` for kNN")
     make_ckpt = lambda: Checkpointer(ckpt_dir, keep_last=config.checkpoint.keep,  # noqa: E731
                                      best_metric="eval/knn_top1" if knn_on else None,
                                      async_save=config.checkpoint.async_save)

@@ -387,11 +387,11 @@ def test_builtin_colour_is_a_nuisance_and_shape_the_signal():
 
 
 def test_load_source_registry():
-    assert list(sources.SOURCES) == ["builtin", "cifar10_npz", "folder", "tfds"]
+    assert list(sources.SOURCES) == ["builtin", "cifar10_npz", "folder", "tfds", "records"]
     assert sources.load_source("builtin", split="test") is sources.load_builtin("test")
     with pytest.raises(ValueError) as excinfo:
         sources.load_source("hdf5", path="x")
-    assert_one_line(excinfo, "'hdf5'", "builtin, cifar10_npz, folder, tfds")
+    assert_one_line(excinfo, "'hdf5'", "builtin, cifar10_npz, folder, tfds, records")
 
 
 def test_tensorflow_never_sees_accelerators():

@@ -139,6 +139,11 @@ def test_index_pipeline_equals_the_records_pipeline(built, tmp_path_factory):
     info = records.prepare(f"tfds:{NAME}/train", str(out), data_dir=str(built["tfrecord"]),
                            shard_size=20, workers=1, say=lambda m: None)
     assert info["converted_to_png"] == 0  # the records hold TFDS's bytes unchanged
+    # From the array_record copy (which as_dataset cannot read): the same records.
+    other = records.prepare(f"tfds:{NAME}/train", str(out.parent / "from_array_record"),
+                            data_dir=str(built["array_record"]), shard_size=20, workers=1,
+                            say=lambda m: None)
+    assert other["content_sha256"] == info["content_sha256"]
     index = sources.load_tfds(NAME, "train", data_dir=built["array_record"])
     rec = sources.load_records(out)
     assert rec.reader.read_bytes(range(N_TRAIN)) == index.reader.read_bytes(range(N_TRAIN))

@@ -380,6 +380,14 @@ def _items(inp: _Input):
 
     builder = tfds.builder(inp.tfds_name, data_dir=inp.data_dir, try_gcs=False)
     start, stop = inp.start, inp.start + inp.count
+    from jaxssl.data import tfds_input
+
+    if tfds_input.file_format(builder) == "array_record":  # as_dataset cannot read these
+        index = tfds_input.TfdsIndex(builder, inp.tfds_split, inp.image_key, inp.description)
+        for j, (data, label) in enumerate(index.examples(range(start, stop))):
+            yield (f"{inp.description}[{start + j}]", bytes(data),
+                   label if inp.has_label else -1, ("JPEG", "PNG"))
+        return
     ds = builder.as_dataset(split=f"{inp.tfds_split}[{start}:{stop}]", shuffle_files=False,
                             decoders={inp.image_key: tfds.decode.SkipDecoding()})
     for j, ex in enumerate(tfds.as_numpy(ds)):
