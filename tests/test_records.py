@@ -241,6 +241,14 @@ def test_damaged_records_are_one_line_errors(prepared, tmp_path, capsys, damage,
     assert "jaxssl: error: " in _one_line_error(capsys)
 
 
+def test_reads_keep_a_bounded_number_of_shards_open(prepared, monkeypatch):
+    monkeypatch.setattr(records, "OPEN_SHARDS", 2)
+    r, ref = records.Records(prepared[0]), records.Records(prepared[0])
+    order = np.random.default_rng(1).permutation(180)
+    assert r.read_bytes(order) == [ref.read_bytes([i])[0] for i in order]
+    assert len(r._open.files) == 2
+
+
 def test_a_corrupt_shard_is_named_when_read(prepared, tmp_path):
     out = _copy(prepared, tmp_path)
     r = records.Records(out)
@@ -253,6 +261,10 @@ def test_a_corrupt_shard_is_named_when_read(prepared, tmp_path):
     with pytest.raises(records.RecordsError,
                        match=f"record {i} in shard shard-00003-of-00004.rec .* fails its checksum"):
         r.read_bytes([0, i])
+    os.remove(out / "shard-00002-of-00004.rec")  # gone after the start
+    j = int(np.flatnonzero(r.shard == 2)[0])
+    with pytest.raises(records.RecordsError, match="cannot read shard shard-00002-of-00004.rec"):
+        r.read_bytes([j])
 
 
 def test_prepare_refuses_bad_outputs_and_strict_stops_at_a_bad_image(images, prepared, tmp_path,
