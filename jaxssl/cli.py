@@ -73,7 +73,9 @@ def _start_distributed(args) -> None:
         how = distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                      timeout_s=args.distributed_timeout)
     except ValueError as e:
-        raise configuration.ConfigError(str(e)) from e
+        error = configuration.ConfigError(str(e))
+        error.distributed_start = True  # main() ends the process at once after the line
+        raise error from e
     if how:
         import jax
 
@@ -326,6 +328,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise
     except ConfigError as e:
         print(f"jaxssl: error: {e}", file=sys.stderr)
+        if argv is None and getattr(e, "distributed_start", False):
+            # jax.distributed did not start, or was shut down as the processes disagreed:
+            # nothing was written, and JAX's clients and gloo threads were once seen to keep a
+            # process from exiting (a CI run under load): end it here.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     except KeyboardInterrupt:
         print("jaxssl: aborted; the last complete checkpoint is kept", file=sys.stderr)
