@@ -1,5 +1,13 @@
-"""Contrastive losses: SimCLR's NT-Xent (InfoNCE), gathered across devices, its memory-bounded
-blockwise form for very large batches, and MoCo's InfoNCE against a queue of negatives.
+"""Self-supervised losses: SimCLR's NT-Xent (InfoNCE), gathered across devices, its
+memory-bounded blockwise form for very large batches, MoCo's InfoNCE against a queue of
+negatives, MoCo v3's symmetric InfoNCE against the momentum keys of the global batch, and the
+non-contrastive losses of BYOL, SimSiam, Barlow Twins and VICReg.
+
+With `axis_name` (inside shard_map, every device holding its rows of the batch) each statistic
+over the batch (means, variances, cross-correlations, negatives) is taken over the global
+batch, so the sharded loss and its gradients are the single-device ones on the whole batch.
+Products are computed in float32 (float64 for float64 input) at Precision.HIGHEST, whatever the
+input dtype, so GPUs and TPUs do not round them to bfloat16 or TF32.
 
 Everything here is pure JAX and imports no TensorFlow.
 """
@@ -13,9 +21,12 @@ import jax.numpy as jnp
 
 __all__ = ["info_nce", "info_nce_with_accuracy", "contrastive_accuracy", "l2_normalize",
            "moco_info_nce", "moco_info_nce_with_accuracy", "info_nce_blockwise",
-           "info_nce_blockwise_with_accuracy", "DEFAULT_BLOCK_SIZE"]
+           "info_nce_blockwise_with_accuracy", "DEFAULT_BLOCK_SIZE", "mocov3_loss",
+           "mocov3_loss_with_accuracy", "byol_loss", "simsiam_loss", "barlow_twins_loss",
+           "vicreg_loss", "vicreg_loss_with_terms"]
 
 _NORM_EPS = 1e-12  # guards the division for an all-zero embedding
+_HIGHEST = jax.lax.Precision.HIGHEST  # no bfloat16/TF32 rounding of products on GPU or TPU
 
 
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -44,6 +55,32 @@ def _check(z1: jax.Array, z2: jax.Array, temperature: float) -> None:
         raise ValueError(f"temperature must be > 0 (SimCLR uses 0.1-0.5); got {temperature}")
 
 
+def _check_same_shape(name: str, *arrays: jax.Array) -> None:
+    """ValueError unless the arrays are [batch, dim] of one shape with at least one row."""
+    shapes = [a.shape for a in arrays]
+    if any(len(s) != 2 for s in shapes) or len(set(shapes)) != 1:
+        raise ValueError(f"{name} expects {len(arrays)} arrays of one shape [batch, dim]; got "
+                         f"{', '.join(map(str, shapes))}")
+    if shapes[0][0] < 1:
+        raise ValueError(f"{name} needs at least one row per device; got an empty batch")
+
+
+def _global_rows(x, axis_name):
+    """Every device's rows of x, and the global row index of each local row.
+
+    x: [b, D]. Returns ([N, D], N = b * devices on axis_name, device d's rows at [d*b, (d+1)*b);
+    [b] int32). Without axis_name: x itself and 0..b-1.
+    """
+    local = jnp.arange(x.shape[0], dtype=jnp.int32)
+    if axis_name is None:
+        return x, local
+    # Tiled all_gather orders the rows by device, so local row i of device d is global row
+    # d*b + i. Gradients flow back through all_gather (its transpose is a reduce-scatter), so
+    # each device's rows receive the gradient of every device's rows they appear in.
+    return (jax.lax.all_gather(x, axis_name, tiled=True),
+            local + jax.lax.axis_index(axis_name) * x.shape[0])
+
+
 def _views_and_keys(z1, z2, axis_name):
     """Normalised local views and the keys every local row is contrasted with.
 
@@ -51,26 +88,14 @@ def _views_and_keys(z1, z2, axis_name):
     first views, then all second views, N = b * devices on axis_name); self_cols and labels
     [2b] int32: for each local row [our z1 ; our z2], its own column and its positive's.
     """
-    b = z1.shape[0]
     q1 = l2_normalize(z1)
     q2 = l2_normalize(z2)
-    if axis_name is None:
-        k1, k2 = q1, q2
-        offset = 0
-    else:
-        # Every device contributes its b rows of each view; tiled gathering puts device d's rows
-        # at [d*b, (d+1)*b) of k1 and k2. Gradients flow back through all_gather (its transpose
-        # is a reduce-scatter), so each device's embeddings receive the gradient of every
-        # device's rows in which they appear as negatives.
-        k1 = jax.lax.all_gather(q1, axis_name, tiled=True)
-        k2 = jax.lax.all_gather(q2, axis_name, tiled=True)
-        offset = jax.lax.axis_index(axis_name) * b
+    k1, local = _global_rows(q1, axis_name)  # local: the global image index of each local row
+    k2, _ = _global_rows(q2, axis_name)
     n = k1.shape[0]
     keys = jnp.concatenate([k1, k2], axis=0)  # [2N, D]
-    local = jnp.arange(b, dtype=jnp.int32) + offset  # global image index of each local row
-    # Row i of z1 is image offset+i: its own column is offset+i (in the first-view block) and
-    # its positive, the second view of the same image, is N+offset+i. Rows of z2 the reverse.
-    # The offset is axis_index * b because tiled all_gather orders the rows by device.
+    # Row i of z1 is image local[i]: its own column is local[i] (in the first-view block) and
+    # its positive, the second view of the same image, is N + local[i]. Rows of z2 the reverse.
     self_cols = jnp.concatenate([local, local + n])
     labels = jnp.concatenate([local + n, local])
     return q1, q2, keys, self_cols, labels
@@ -183,10 +208,57 @@ def moco_info_nce(q: jax.Array, k: jax.Array, queue: jax.Array, *, temperature: 
                                        axis_name=axis_name)[0]
 
 
+def mocov3_loss_with_accuracy(
+    q1: jax.Array, q2: jax.Array, k1: jax.Array, k2: jax.Array, *, temperature: float = 0.2,
+    axis_name: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """MoCo v3's symmetric InfoNCE: queries against the momentum keys of the global batch.
+
+    ctr(q, k): each query row against all N keys of the global batch (no queue), the positive
+    being the key of the same image; the mean cross-entropy over the global batch times 2T (as
+    in the MoCo v3 paper's pseudocode). The loss is ctr(q1, k2) + ctr(q2, k1).
+
+    Args:
+      q1, q2: [b, D] queries of the two views (the trained encoder and its predictor), any float
+        dtype.
+      k1, k2: [b, D] keys of the same views from the momentum encoder; no gradient flows into
+        them.
+      temperature: > 0 (the MoCo v3 paper: 0.2).
+      axis_name: inside shard_map, the data axis: the keys of every device are gathered.
+    All are L2-normalised here; logits are float32 at full precision.
+
+    Returns:
+      (loss, accuracy) float32 scalars equal on every device; accuracy is the fraction of the
+      2N queries whose own key scores highest.
+    """
+    _check_same_shape("mocov3_loss", q1, q2, k1, k2)
+    if isinstance(temperature, (int, float)) and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (MoCo v3 uses 0.2); got {temperature}")
+
+    def ctr(q, k):
+        keys, labels = _global_rows(jax.lax.stop_gradient(l2_normalize(k)), axis_name)
+        logits = jnp.dot(l2_normalize(q), keys.T, precision=_HIGHEST) / temperature  # [b, N]
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[:, None],
+                                   axis=-1)[:, 0]
+        correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+        return _global_mean(nll, axis_name), _global_mean(correct, axis_name)
+
+    loss1, acc1 = ctr(q1, k2)
+    loss2, acc2 = ctr(q2, k1)
+    return (2.0 * temperature * (loss1 + loss2),
+            jax.lax.stop_gradient((acc1 + acc2) / 2.0))
+
+
+def mocov3_loss(q1: jax.Array, q2: jax.Array, k1: jax.Array, k2: jax.Array, *,
+                temperature: float = 0.2, axis_name: str | None = None) -> jax.Array:
+    """MoCo v3's loss (scalar float32); see `mocov3_loss_with_accuracy`."""
+    return mocov3_loss_with_accuracy(q1, q2, k1, k2, temperature=temperature,
+                                     axis_name=axis_name)[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory-bounded InfoNCE: the same loss as info_nce without the [2N, 2N] logits.
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 DEFAULT_BLOCK_SIZE = 4096  # 4096 x 4096 float32 logits: 64 MiB per block
 
 
@@ -343,3 +415,146 @@ def info_nce_blockwise(
     see `info_nce_blockwise_with_accuracy`."""
     return info_nce_blockwise_with_accuracy(z1, z2, temperature=temperature,
                                             axis_name=axis_name, block_size=block_size)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-contrastive losses: BYOL, SimSiam (a prediction against a target without gradient),
+# Barlow Twins and VICReg (statistics of each dimension over the global batch).
+
+_BARLOW_EPS = 1e-5  # BatchNorm1d's: the standardisation before the cross-correlation
+_VICREG_EPS = 1e-4  # VICReg's official code: std = sqrt(var + 1e-4)
+
+
+def _as_float(x: jax.Array) -> jax.Array:
+    """x in float32 (float64 stays float64, as in l2_normalize)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _global_sum(x: jax.Array, axis_name) -> jax.Array:
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def _global_batch(b: int, axis_name) -> int:
+    return b if axis_name is None else b * jax.lax.axis_size(axis_name)
+
+
+def _centred(z: jax.Array, axis_name) -> jax.Array:
+    """z [b, D] as float minus each dimension's mean over the global batch."""
+    z = _as_float(z)
+    mean = jnp.mean(z, axis=0)
+    # Every device holds the same number of rows: the mean of the means is the global mean.
+    return z - (mean if axis_name is None else jax.lax.pmean(mean, axis_name))
+
+
+def _cross(a: jax.Array, b: jax.Array, axis_name) -> jax.Array:
+    """a^T b [D, D] summed over the rows of every device: one all-reduce of D^2 floats (as
+    Barlow Twins' official code does), rather than gathering the [N, D] rows and repeating
+    the N D^2 product on every device."""
+    return _global_sum(jnp.dot(a.T, b, precision=_HIGHEST), axis_name)
+
+
+def _off_diagonal(c: jax.Array) -> jax.Array:
+    """c [D, D] with zeros on the diagonal. Masked rather than sum(c^2) - sum(diag^2), which
+    would lose the small off-diagonal sum to the rounding of the diagonal's."""
+    return jnp.where(jnp.eye(c.shape[0], dtype=bool), 0.0, c)
+
+
+def _cosine_to_target(p: jax.Array, z: jax.Array) -> jax.Array:
+    """Row-wise cosine similarity [b] float32 of p and z, with no gradient into z."""
+    return jnp.sum(l2_normalize(p) * jax.lax.stop_gradient(l2_normalize(z)), axis=-1)
+
+
+def byol_loss(p: jax.Array, z: jax.Array, *, axis_name: str | None = None) -> jax.Array:
+    """BYOL's regression loss: the mean over the global batch of 2 - 2 cos(p_i, z_i).
+
+    p: [b, D] predictions of the online network, z: [b, D] targets (the momentum network's
+    projections of the other view), any float dtype; no gradient flows into z. One direction:
+    BYOL's loss is byol_loss(p1, z2) + byol_loss(p2, z1). Returns a float32 scalar, equal on
+    every device.
+    """
+    _check_same_shape("byol_loss", p, z)
+    return _global_mean(2.0 - 2.0 * _cosine_to_target(p, z), axis_name)
+
+
+def simsiam_loss(p: jax.Array, z: jax.Array, *, axis_name: str | None = None) -> jax.Array:
+    """SimSiam's D(p, stopgrad(z)): the mean over the global batch of -cos(p_i, z_i).
+
+    p: [b, D] predictions, z: [b, D] projections of the other view, any float dtype; no
+    gradient flows into z. One direction: SimSiam's loss is (simsiam_loss(p1, z2) +
+    simsiam_loss(p2, z1)) / 2. Returns a float32 scalar in [-1, 1], equal on every device.
+    """
+    _check_same_shape("simsiam_loss", p, z)
+    return _global_mean(-_cosine_to_target(p, z), axis_name)
+
+
+def barlow_twins_loss(z1: jax.Array, z2: jax.Array, *, lambd: float = 0.0051,
+                      axis_name: str | None = None) -> jax.Array:
+    """Barlow Twins: sum_i (1 - c_ii)^2 + lambd * sum_{i != j} c_ij^2.
+
+    Each dimension of z1 and z2 is standardised over the global batch of N rows (mean 0,
+    divided by sqrt(biased variance + 1e-5): BatchNorm without affine), and c = z1^T z2 / N is
+    their [D, D] cross-correlation, summed across devices.
+
+    z1, z2: [b, D] projections of the two views, any float dtype. Returns a float32 scalar,
+    equal on every device.
+    """
+    _check_same_shape("barlow_twins_loss", z1, z2)
+    n = _global_batch(z1.shape[0], axis_name)
+
+    def standardised(z):
+        z = _centred(z, axis_name)
+        var = _global_sum(jnp.sum(z * z, axis=0), axis_name) / n
+        return z * jax.lax.rsqrt(var + _BARLOW_EPS)
+
+    c = _cross(standardised(z1), standardised(z2), axis_name) / n
+    return (jnp.sum(jnp.square(1.0 - jnp.diagonal(c)))
+            + lambd * jnp.sum(jnp.square(_off_diagonal(c))))
+
+
+def vicreg_loss_with_terms(
+    z1: jax.Array, z2: jax.Array, *, sim_coeff: float = 25.0, std_coeff: float = 25.0,
+    cov_coeff: float = 1.0, axis_name: str | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """VICReg's loss (the paper's and its official code's) and its three unweighted terms.
+
+    invariance = mean((z1 - z2)^2); each of z1, z2 centred over the global batch of N rows;
+    std = sqrt(unbiased variance + 1e-4) per dimension; variance = mean(relu(1 - std1)) / 2 +
+    mean(relu(1 - std2)) / 2; cov = z^T z / (N - 1) summed across devices; covariance =
+    sum(offdiag(cov1)^2) / D + sum(offdiag(cov2)^2) / D. loss = sim_coeff * invariance +
+    std_coeff * variance + cov_coeff * covariance.
+
+    z1, z2: [b, D] embeddings (the expander's outputs) of the two views, any float dtype; the
+    global batch needs N >= 2 rows.
+
+    Returns:
+      (loss, {"invariance", "variance", "covariance"}): float32 scalars, equal on every device.
+    """
+    _check_same_shape("vicreg_loss", z1, z2)
+    n, d = _global_batch(z1.shape[0], axis_name), z1.shape[1]
+    if n < 2:
+        raise ValueError("vicreg_loss needs a global batch of at least 2 rows (the variance is "
+                         f"unbiased); got {n}")
+
+    def variance_and_covariance(z):
+        z = _centred(z, axis_name)
+        cov = _cross(z, z, axis_name) / (n - 1)
+        std = jnp.sqrt(jnp.diagonal(cov) + _VICREG_EPS)  # the diagonal: the unbiased variance
+        return (jnp.mean(jax.nn.relu(1.0 - std)),
+                jnp.sum(jnp.square(_off_diagonal(cov))) / d)
+
+    v1, c1 = variance_and_covariance(z1)
+    v2, c2 = variance_and_covariance(z2)
+    terms = {"invariance": _global_mean(jnp.square(_as_float(z1) - _as_float(z2)), axis_name),
+             "variance": (v1 + v2) / 2.0,
+             "covariance": c1 + c2}
+    loss = (sim_coeff * terms["invariance"] + std_coeff * terms["variance"]
+            + cov_coeff * terms["covariance"])
+    return loss, terms
+
+
+def vicreg_loss(z1: jax.Array, z2: jax.Array, *, sim_coeff: float = 25.0,
+                std_coeff: float = 25.0, cov_coeff: float = 1.0,
+                axis_name: str | None = None) -> jax.Array:
+    """VICReg's loss (scalar float32); see `vicreg_loss_with_terms`."""
+    return vicreg_loss_with_terms(z1, z2, sim_coeff=sim_coeff, std_coeff=std_coeff,
+                                  cov_coeff=cov_coeff, axis_name=axis_name)[0]
