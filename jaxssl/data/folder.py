@@ -170,6 +170,23 @@ def _pillow_refused(e: Exception, max_pixels: int) -> str:
             f"MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS:,}); to read it raise that as well")
 
 
+def decode_opened(im: Image.Image, path: str | os.PathLike, max_pixels: int
+                  ) -> tuple[np.ndarray, bool]:
+    """An opened image's pixels as uint8 [H, W, 3] RGB, turned upright by its EXIF
+    orientation, and whether it was turned: the rules of `decode_rgb`, which `jaxssl prepare`
+    shares (records must decode to the same pixels). BadImageError (naming `path`) for an
+    image over max_pixels, judged from its header before any pixel is decoded."""
+    width, height = im.size
+    if width * height > max_pixels:  # before load(): a bomb's pixels are never allocated
+        raise BadImageError(path, _too_large(width * height, max_pixels,
+                                             f"{width} x {height} = "))
+    im.load()  # the full decode: a truncated file fails here, not on first use
+    oriented = im.getexif().get(0x0112, 1) != 1  # 0x0112: EXIF orientation tag
+    if oriented:
+        im = ImageOps.exif_transpose(im)
+    return pil_to_rgb(im), oriented
+
+
 def decode_rgb(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.ndarray:
     """Reads an image file as uint8 [H, W, 3] RGB (the first frame of an animation), turned
     upright by its EXIF orientation.
@@ -183,14 +200,7 @@ def decode_rgb(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.
     formats = image_formats(ext)
     try:
         with Image.open(path, formats=formats) as im:
-            width, height = im.size
-            if width * height > limit:  # before load(): a bomb's pixels are never allocated
-                raise BadImageError(path, _too_large(width * height, limit,
-                                                     f"{width} x {height} = "))
-            im.load()  # the full decode: a truncated file fails here, not on first use
-            if im.getexif().get(0x0112, 1) != 1:  # 0x0112: EXIF orientation tag
-                im = ImageOps.exif_transpose(im)
-            return pil_to_rgb(im)
+            return decode_opened(im, path, limit)[0]
     except Image.UnidentifiedImageError:
         # Pillow's message only repeats the path; it says nothing about what the file is, and
         # trying every other format to find out is exactly what this avoids.

@@ -421,21 +421,11 @@ def _checked(data: bytes, formats, max_pixels: int) -> tuple[bytes, np.ndarray, 
     """(bytes to store, decoded RGB, converted?): the input's bytes when a JPEG decoder reads
     them as `decode_rgb` does, else a lossless PNG of decode_rgb's pixels. Raises for a bad
     image (not its format, truncated, too large)."""
-    from jaxssl.data.folder import BadImageError, _too_large, pil_to_rgb
+    from jaxssl.data.folder import decode_opened
 
     with Image.open(io.BytesIO(data), formats=formats) as im:
-        width, height = im.size
-        if width * height > max_pixels:
-            raise BadImageError("", _too_large(width * height, max_pixels,
-                                               f"{width} x {height} = "))
         fmt, mode = im.format, im.mode
-        im.load()
-        oriented = im.getexif().get(0x0112, 1) != 1
-        if oriented:
-            from PIL import ImageOps
-
-            im = ImageOps.exif_transpose(im)
-        rgb = pil_to_rgb(im)
+        rgb, oriented = decode_opened(im, "", max_pixels)
     if fmt in ("JPEG", "MPO") and mode in ("RGB", "L") and not oriented:
         return data, rgb, False
     if fmt == "PNG" and mode in ("RGB", "L") and not oriented:
