@@ -6,7 +6,8 @@ import pytest
 
 
 @pytest.mark.parametrize("module", ["jaxssl", "jaxssl.losses", "jaxssl.steps", "jaxssl.parallel",
-                                    "jaxssl.optim", "jaxssl.models", "jaxssl.state"])
+                                    "jaxssl.optim", "jaxssl.models", "jaxssl.state",
+                                    "jaxssl.data.pipeline", "jaxssl.data.tfds_stream"])
 def test_no_tensorflow_import(module):
     code = (f"import sys, {module}; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')]; "
