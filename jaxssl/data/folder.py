@@ -75,10 +75,11 @@ def parallel_map(fn: Callable[[_T], _R], items: Iterable[_T], *,
         in_flight = collections.deque(
             pool.submit(fn, x) for x in itertools.islice(items, _AHEAD_PER_THREAD * workers))
         while in_flight:
-            result = in_flight.popleft().result()
-            for x in itertools.islice(items, 1):  # top the window up by one, if any are left
+            yield in_flight.popleft().result()
+            # Topped up only once the caller has taken that result and asks for the next: a
+            # submission before the yield would make 2 * workers + 1 not yet taken.
+            for x in itertools.islice(items, 1):
                 in_flight.append(pool.submit(fn, x))
-            yield result
 
 
 def _int_to_uint8(a: np.ndarray) -> np.ndarray:
