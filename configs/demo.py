@@ -35,6 +35,7 @@ def get_config():
     config.model.width = 16
     config.model.head_hidden_dims = (256,)
     config.model.out_dim = 64
+    config.model.predictor_hidden_dims = (256,)  # BYOL, SimSiam, MoCo v3 (--config.method=...)
 
     config.optim.name = "adamw"
     config.optim.base_lr = 5e-3

@@ -19,15 +19,25 @@ import ml_collections
 from ml_collections import config_dict
 
 __all__ = ["ConfigError", "default_config", "load_config", "apply_overrides", "CONFIG_DIR",
-           "flat_fields", "validate", "METHODS",
+           "flat_fields", "validate",
            "load_workdir_config"]
 
 # The configs/ folder of a source checkout: `--config demo` means configs/demo.py there.
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-# method -> its name in messages.
-METHODS = {"simclr": "SimCLR", "moco": "MoCo v2"}
+def _methods():
+    from jaxssl import methods
+
+    return methods.METHODS
+
+
+def __getattr__(name: str):
+    # METHODS: method -> its name in messages, from the registry `jaxssl.methods.METHODS`
+    # (read on use, so that importing this module does not import JAX).
+    if name == "METHODS":
+        return {key: m.title for key, m in _methods().items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ConfigError(ValueError):
@@ -37,7 +47,8 @@ class ConfigError(ValueError):
 def default_config() -> ml_collections.ConfigDict:
     """Every field the trainer reads, with defaults (a small SimCLR run on the built-in data)."""
     c = ml_collections.ConfigDict()
-    c.method = "simclr"  # or "moco" (MoCo v2: a momentum encoder and a queue; see c.moco)
+    c.method = "simclr"  # a key of jaxssl.methods.METHODS: simclr, moco (MoCo v2), byol,
+    # simsiam, barlow_twins, vicreg, mocov3; each method's own fields are in its group below
     c.seed = 0
     c.batch_size = 256  # global, over all devices and processes
     c.num_epochs = 100
@@ -76,6 +87,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.output_bn = False
     c.model.dtype = "float32"  # or "bfloat16" (BatchNorm statistics stay float32)
     c.model.bn = "global"  # a key of jaxssl.parallel.BN_MODES
+    # The predictor MLP's hidden widths, for the methods with one (BYOL, SimSiam, MoCo v3):
+    # out_dim -> hidden (BN, ReLU) -> out_dim.
+    c.model.predictor_hidden_dims = (4096,)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "lars"  # a key of jaxssl.optim.OPTIMIZERS
@@ -96,14 +110,10 @@ def default_config() -> ml_collections.ConfigDict:
     # (losses.info_nce_blockwise: the same loss, memory bounded for very large batches).
     c.loss.block_size = 0
 
-    c.moco = ml_collections.ConfigDict()  # read when method is "moco"
-    c.moco.queue_size = 4096  # K: a multiple of the keys enqueued per step
-    c.moco.momentum = 0.99  # the key encoder's EMA momentum (at the start, for "cosine")
-    c.moco.momentum_schedule = "constant"  # or "cosine" (to 1 at the end)
-    c.moco.symmetric = False  # both views as queries; enqueues 2 x batch keys per step
-    c.moco.shuffle_bn = True  # shuffle the batch across BN groups before the key encoder
-    c.moco.bn_groups = 0  # with model.bn "local": BN groups over the global batch (0 = one per
-    #                       device); 8 on one device is MoCo's split BN
+    # Each method's own fields, a group named after it (jaxssl/methods/<name>.py).
+    for name, method in _methods().items():
+        if method.config_group is not None:
+            c[name] = method.config_group()
 
     c.eval = ml_collections.ConfigDict()
     c.eval.knn = True
@@ -345,15 +355,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from jaxssl import models, optim, parallel
     from jaxssl.data import pipeline, recipes, sources
 
-    _choice("method", config.method, METHODS)
-    from jaxssl import ema
-
-    _choice("moco.momentum_schedule", config.moco.momentum_schedule, ema.MOMENTUM_SCHEDULES)
-    _check(0.0 <= config.moco.momentum <= 1.0, f"moco.momentum must lie in [0, 1] (MoCo uses "
-                                                f"0.99-0.999); got {config.moco.momentum}")
-    _check(config.moco.queue_size > 0, f"moco.queue_size must be positive; got "
-                                       f"{config.moco.queue_size}")
-    _check(config.moco.bn_groups >= 0, "moco.bn_groups must be >= 0")
+    _choice("method", config.method, _methods())
+    method = _methods()[config.method]
+    if method.validate is not None:
+        method.validate(config)
     _choice("data.source", config.data.source, sources.SOURCES)
     _choice("data.augment", config.data.augment, pipeline.MODES)
     _choice("data.recipe", config.data.recipe, recipes.RECIPES)

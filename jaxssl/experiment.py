@@ -9,7 +9,6 @@ one-line `ConfigError`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import jax
@@ -19,8 +18,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jaxssl import ema, files, models, optim, parallel, probe as probe_lib, queue as queue_lib
-from jaxssl import state as state_lib, steps
+from jaxssl import files, methods, models, optim, parallel, probe as probe_lib
+from jaxssl import state as state_lib
 from jaxssl.checkpoint import Checkpointer, IncompatibleCheckpointError
 from jaxssl.configuration import ConfigError, _one_line
 from jaxssl.data import augment_jax, pipeline, recipes, sources
@@ -97,13 +96,16 @@ class Experiment:
 
 
 def build_model(config: ml_collections.ConfigDict):
-    """(the config's ContrastiveModel, its compute dtype)."""
+    """(the config's ContrastiveModel, with a predictor for the methods that have one; its
+    compute dtype)."""
     m = config.model
     dtype = DTYPES[m.dtype]
+    predictor = methods.get(config.method).predictor
     model = models.create_model(
         m.encoder, cifar_stem=m.cifar_stem, width=m.width, zero_init_last_bn=m.zero_init_last_bn,
         head_hidden_dims=tuple(m.head_hidden_dims), out_dim=m.out_dim, output_bn=m.output_bn,
-        bn_axis_name=parallel.BN_MODES[m.bn].model_axis_name, dtype=dtype)
+        bn_axis_name=parallel.BN_MODES[m.bn].model_axis_name, dtype=dtype,
+        predictor_hidden_dims=tuple(m.predictor_hidden_dims) if predictor else None)
     return model, dtype
 
 
@@ -157,72 +159,33 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *, with_eval: bool,
                       num_classes, probe_tx)
 
 
-def _moco_step(exp: Experiment) -> Callable:
-    """moco_step bound to the config; ConfigError for what cannot run."""
-    config, mc = exp.config, exp.config.moco
-    n_dev = exp.mesh.shape[parallel.DATA_AXIS]
-    keys_per_step = config.batch_size * (2 if mc.symmetric else 1)
-    try:
-        queue_lib.check_queue_size(mc.queue_size, keys_per_step)
-    except ValueError as e:
-        raise ConfigError(str(e).replace("queue size K", "moco.queue_size")) from e
-    groups = 1
-    if config.model.bn == "local" and mc.bn_groups:
-        # bn_groups counts groups over the global batch: per device, bn_groups / devices.
-        if mc.bn_groups % n_dev or (config.batch_size // n_dev) % (mc.bn_groups // n_dev):
-            raise ConfigError(
-                f"moco.bn_groups {mc.bn_groups} does not split over {n_dev} devices with "
-                f"{config.batch_size // n_dev} images each; use a multiple of {n_dev} that "
-                "divides the batch")
-        groups = mc.bn_groups // n_dev
-    if mc.momentum_schedule == "cosine":
-        momentum_fn = ema.cosine_momentum(mc.momentum, exp.total_steps)
-    else:
-        momentum_fn = ema.constant_momentum(mc.momentum)
-    return functools.partial(
-        steps.moco_step, apply_fn=models.split_bn_apply_fn(exp.apply_fn, groups), tx=exp.tx,
-        temperature=config.loss.temperature, momentum_fn=momentum_fn, symmetric=mc.symmetric,
-        shuffle_bn=mc.shuffle_bn,
-        average_batch_stats=parallel.BN_MODES[config.model.bn].average_batch_stats,
-        augment_fn=exp.augment_fn, probe_tx=exp.probe_tx)
-
-
 def compiled_step(exp: Experiment) -> Callable:
     """The config's train step, jit(shard_map) over the mesh: (state, batch, key) -> (state,
     metrics). The batch is the pipeline's dict ("images" or "views", and "labels")."""
-    config = exp.config
-    if config.method == "moco":
-        step_fn = _moco_step(exp)
-    else:
-        step_fn = functools.partial(
-            steps.simclr_step, apply_fn=exp.apply_fn, tx=exp.tx,
-            temperature=config.loss.temperature,
-            average_batch_stats=parallel.BN_MODES[config.model.bn].average_batch_stats,
-            augment_fn=exp.augment_fn, probe_tx=exp.probe_tx,
-            loss_block_size=config.loss.block_size)
+    step_fn = methods.get(exp.config.method).bind(exp)
     return parallel.compile_step(step_fn, exp.mesh)
 
 
 def initial_state(exp: Experiment) -> state_lib.TrainState:
-    """The state at step 0 (not yet placed on the mesh): initialised encoder and head, optimizer
-    state, and MoCo's key encoder and queue and the online probe where the config has them."""
+    """The state at step 0 (not yet placed on the mesh): initialised encoder, head (and
+    predictor), optimizer state, the method's own state (`Method.init_state`: MoCo's key
+    encoder and queue, BYOL's target, ...) and the online probe where the config has one."""
     config, d = exp.config, exp.config.data
     # Initialised with the "rbg" generator: XLA compiles its random bits in a third of the time
     # of threefry's for a ResNet (3 s instead of 8 s on a CPU); the values are as random.
     init_key = jax.random.key(config.seed, impl="rbg")
     shape = (1, d.out_size, d.out_size, 3)
     params, batch_stats = models.init_variables(exp.model, init_key, shape, jit=True)
-    queue = None
-    if config.method == "moco":
-        queue = queue_lib.init_queue(jax.random.fold_in(jax.random.key(config.seed), 2),
-                                     config.moco.queue_size, config.model.out_dim)
+    method = methods.get(config.method)
+    method_state = None if method.init_state is None else method.init_state(
+        exp, params, batch_stats)
     probe = None
     if exp.probe_tx is not None:
         out = jax.eval_shape(lambda: exp.apply_fn(params, batch_stats, jnp.zeros(shape),
                                                   train=False)[0])
         probe = probe_lib.init_probe(out["features"].shape[-1], exp.num_classes, exp.probe_tx)
-    return state_lib.create_train_state(params, batch_stats, exp.tx, queue=queue, probe=probe,
-                                        with_momentum_encoder=config.method == "moco")
+    return state_lib.create_train_state(params, batch_stats, exp.tx, probe=probe,
+                                        method_state=method_state)
 
 
 def restore_encoder(model, mesh: Mesh, workdir: str, step: int | None = None, *,

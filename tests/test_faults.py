@@ -369,10 +369,10 @@ def test_a_nan_in_the_online_probe_stops_before_it_is_saved(trained, tmp_path, m
     checkpointed and every resume carried it."""
     import jax.numpy as jnp
 
-    from jaxssl import steps
+    from jaxssl.methods import simclr as simclr_method
     from jaxssl.train import TrainingDiverged
 
-    real_step = steps.simclr_step
+    real_step = simclr_method.simclr_step
 
     def poisoned(state, views, key, **kwargs):
         new_state, metrics = real_step(state, views, key, **kwargs)
@@ -381,7 +381,7 @@ def test_a_nan_in_the_online_probe_stops_before_it_is_saved(trained, tmp_path, m
             "train/online_loss": jnp.where(bad, jnp.nan, metrics["train/online_loss"])})
         return new_state, metrics
 
-    monkeypatch.setattr(steps, "simclr_step", poisoned)
+    monkeypatch.setattr(simclr_method, "simclr_step", poisoned)
     workdir = _copy(trained, tmp_path)
     with pytest.raises(TrainingDiverged, match="non-finite train/online_loss .* at step 3") as e:
         train.train(tiny_config(*[s for s in STEPS if s[0] != "num_steps"], ("num_steps", "4")),

@@ -22,7 +22,8 @@ def test_step_metrics_and_loss_goes_down():
     for _ in range(8):
         st, m = step(st, batch, jax.random.key(0))
         history.append(float(m["train/loss"]))
-        assert set(m) == {"train/loss", "train/contrastive_top1", "train/grad_norm"}
+        assert set(m) == {"train/loss", "train/contrastive_top1", "train/grad_norm",
+                      "train/alignment", "train/uniformity"}
         assert all(v.shape == () and v.dtype == jnp.float32 for v in m.values())
     assert int(st.step) == 8
     assert history[-1] < history[0] - 0.1, history

@@ -19,7 +19,7 @@ import optax
 from jaxssl.data.augment_jax import augment_view
 from jaxssl.data.recipes import ViewRecipe
 from jaxssl.state import TrainState
-from jaxssl.steps import example_keys
+from jaxssl.methods.base import apply_gradients, example_keys
 
 __all__ = ["label_fraction", "Classifier", "finetune_step", "finetune_augment"]
 
@@ -102,9 +102,6 @@ def finetune_step(
         return loss, (top1, new_stats)
 
     (loss, (top1, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    if axis_name is not None and average_batch_stats:
-        new_stats = jax.lax.pmean(new_stats, axis_name)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              batch_stats=new_stats, opt_state=opt_state)
+    new_state = apply_gradients(state, grads, new_stats, tx=tx, axis_name=axis_name,
+                                average_batch_stats=average_batch_stats)
     return new_state, {"train/loss": loss, "train/top1": top1}

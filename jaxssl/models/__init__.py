@@ -6,7 +6,8 @@ The apply_fn signature every step in jaxssl takes:
 
     images:  [N, H, W, C] float
     outputs: {"projection": [N, D] (the contrastive embedding), "features": [N, F] (optional,
-              the backbone representation used by probes)}
+              the backbone representation used by probes), "prediction": [N, D] (a
+              predictor's output, for the methods that have one)}
     new_batch_stats: the updated BatchNorm statistics pytree (the input one when not training
               or when the model has none).
 """
@@ -53,14 +54,20 @@ ENCODERS = {"resnet18": ResNet18, "resnet34": ResNet34, "resnet50": ResNet50}
 
 
 class ContrastiveModel(nn.Module):
-    """Backbone + projection head: images [N, H, W, C] -> {"features", "projection"} float32."""
+    """Backbone + projection head (+ predictor): images [N, H, W, C] -> {"features",
+    "projection"} float32, and "prediction" (the predictor applied to the projection: BYOL,
+    SimSiam, MoCo v3) when the model has a predictor."""
 
     backbone: nn.Module
     head: nn.Module
+    predictor: nn.Module | None = None
 
     def __call__(self, x, train: bool = True):
         features = self.backbone(x, train=train)
-        return {"features": features, "projection": self.head(features, train=train)}
+        out = {"features": features, "projection": self.head(features, train=train)}
+        if self.predictor is not None:
+            out["prediction"] = self.predictor(out["projection"], train=train)
+        return out
 
 
 def create_model(
@@ -74,8 +81,13 @@ def create_model(
     output_bn: bool = False,
     bn_axis_name: str | None = None,
     dtype: Any = jnp.float32,
+    predictor_hidden_dims: Sequence[int] | None = None,
 ) -> ContrastiveModel:
-    """A ResNet from `ENCODERS` with a `ProjectionHead`. Arguments as in `ResNet`/`ProjectionHead`."""
+    """A ResNet from `ENCODERS` with a `ProjectionHead`. Arguments as in `ResNet`/`ProjectionHead`.
+
+    predictor_hidden_dims: None for no predictor; else the hidden widths of a predictor MLP
+    (a `ProjectionHead` from out_dim to out_dim: BYOL's is (4096,), SimSiam's (512,)).
+    """
     if encoder not in ENCODERS:
         raise ValueError(f"unknown encoder {encoder!r}; choose one of {sorted(ENCODERS)}")
     backbone = ENCODERS[encoder](
@@ -92,7 +104,10 @@ def create_model(
         bn_axis_name=bn_axis_name,
         dtype=dtype,
     )
-    return ContrastiveModel(backbone=backbone, head=head)
+    predictor = None if predictor_hidden_dims is None else ProjectionHead(
+        hidden_dims=tuple(predictor_hidden_dims), out_dim=out_dim, output_bn=False,
+        bn_axis_name=bn_axis_name, dtype=dtype)
+    return ContrastiveModel(backbone=backbone, head=head, predictor=predictor)
 
 
 def init_variables(module: nn.Module, key: jax.Array, image_shape: Sequence[int], *,
