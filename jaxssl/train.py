@@ -24,9 +24,11 @@ import jax
 import ml_collections
 
 from jaxssl import configuration, distributed, experiment, files, parallel
+from jaxssl import state as state_lib
 from jaxssl.checkpoint import CheckpointWriteError, Checkpointer, DamagedCheckpointError
 from jaxssl.configuration import ConfigError
 from jaxssl.data import pipeline, preview
+from jaxssl.evaluate import diagnostics
 from jaxssl.evaluate.features import EvaluationInterrupted, FeatureExtractor
 from jaxssl.evaluate.knn import knn_top1
 from jaxssl.lock import LOCK_NAME, WorkdirLock
@@ -122,9 +124,20 @@ def _restore_newest(make_ckpt, state, workdir: str, say):
                 error = None
                 try:
                     diff = ckpt.difference(state, step)
+                    legacy = None if diff is None else state_lib.to_legacy(state)
+                    if legacy is not None and ckpt.difference(legacy, step) is None:
+                        # Written before jaxssl.methods: MoCo's key encoder and queue were
+                        # fields of the state. The same values, moved to method_state.
+                        restored = state_lib.from_legacy(ckpt.restore(legacy, step), state)
+                        diff = None
+                        say(f"note: the checkpoint at step {step} has the state layout of "
+                            "jaxssl before its methods package; read and converted (the next "
+                            "save writes the new layout)")
+                    else:
+                        legacy = None
                     probe_only = diff is not None and ckpt.difference(
                         state, step, ignore="probe") is None
-                    if diff is None:
+                    if diff is None and legacy is None:
                         restored = ckpt.restore(state, step)
                     elif probe_only:
                         restored = ckpt.restore(state.replace(probe=None), step, partial=True)
@@ -341,14 +354,27 @@ def _train(config, workdir, mesh, n_dev, changed, lock, stop, stop_at_step, stre
 
     # The kNN monitor: eval-mode backbone features of a labelled bank and query set. `stop`
     # (agreed by all processes) is asked between batches: EvaluationInterrupted ends it early.
-    def evaluate_knn(st, stop) -> float:
+    def evaluate_knn(st, stop) -> dict[str, float]:
+        """{"eval/knn_top1", and the collapse measures of the query features:
+        "eval/feature_std" (per-dimension std of the normalised features), "eval/rankme"}."""
         # The bank stays split over the devices, padded (a million features fit that way).
         bank = extract(st.params, st.batch_stats, train_source, bank_idx, padded=True, stop=stop)
         queries = extract(st.params, st.batch_stats, eval_source, query_idx, stop=stop)
-        return knn_top1(bank, train_source.labels[bank_idx], queries, eval_source.labels[query_idx],
-                        num_classes=num_classes, k=config.eval.knn_k,
-                        temperature=config.eval.knn_temperature, mesh=mesh,
-                        bank_rows=len(bank_idx))
+        top1 = knn_top1(bank, train_source.labels[bank_idx], queries,
+                        eval_source.labels[query_idx], num_classes=num_classes,
+                        k=config.eval.knn_k, temperature=config.eval.knn_temperature,
+                        mesh=mesh, bank_rows=len(bank_idx))
+        health = jax.device_get(feature_health(queries))
+        feature_dim[0] = queries.shape[1]
+        return {"eval/knn_top1": top1, **{f"eval/{k}": float(v) for k, v in health.items()}}
+
+    feature_dim = [0]  # of the features evaluate_knn saw last
+
+    def warn_if_collapsed(n: int, scores: dict[str, float]) -> None:
+        message = diagnostics.collapse_message(scores["eval/feature_std"], scores["eval/rankme"],
+                                               feature_dim[0])
+        if message:
+            say(f"warning at step {n}: {message}")
 
     if knn_on:
         extract = FeatureExtractor(exp.apply_fn, mesh, mean=train_source.mean,
@@ -359,6 +385,7 @@ def _train(config, workdir, mesh, n_dev, changed, lock, stop, stop_at_step, stre
         query_idx = experiment.subset(eval_source.num_examples, config.eval.query_examples,
                                       config.seed)
         num_classes = exp.num_classes
+        feature_health = jax.jit(diagnostics.feature_health)
     elif config.eval.knn:
         say("note: kNN evaluation is off: it needs labelled train and eval data "
             f"({d.source} gives none)")
@@ -383,13 +410,14 @@ def _train(config, workdir, mesh, n_dev, changed, lock, stop, stop_at_step, stre
             missing = main and eval_due(start) and not any(
                 r.get("step") == start and "eval/knn_top1" in r for r in log.read())
             if distributed.any_process(missing):
-                last_knn = evaluate_knn(state, None)
+                scores = evaluate_knn(state, None)
+                last_knn = scores["eval/knn_top1"]
                 say(f"kNN top-1 at step {start} (its evaluation was interrupted): "
                     f"{last_knn:.4f}")
                 if main:
-                    log.update(start, {"eval/knn_top1": last_knn})
+                    log.update(start, scores)
                     if tb:
-                        tb.scalars(start, {"eval/knn_top1": last_knn})
+                        tb.scalars(start, scores)
         else:
             say(f"training {m.encoder} (width {m.width}) with "
                 f"{configuration.METHODS[config.method]} on {train_source.name}: "
@@ -403,13 +431,14 @@ def _train(config, workdir, mesh, n_dev, changed, lock, stop, stop_at_step, stre
                                       image_size=d.image_size or None)
             if knn_on:
                 t0 = time.perf_counter()
-                init_top1 = evaluate_knn(state, None)
+                scores = evaluate_knn(state, None)
+                init_top1 = scores["eval/knn_top1"]
                 say(f"kNN top-1 at initialisation: {init_top1:.4f} "
                     f"({time.perf_counter() - t0:.0f} s)")
                 if main:
-                    log.write({"step": 0, "epoch": 0.0, "eval/knn_top1": init_top1})
+                    log.write({"step": 0, "epoch": 0.0, **scores})
                     if tb:
-                        tb.scalars(0, {"eval/knn_top1": init_top1})
+                        tb.scalars(0, scores)
         bar = ProgressBar(total_steps, config.batch_size, stream=stream) if main else None
         say.bar = bar
         batches = pipeline.make_pipeline(
@@ -464,8 +493,10 @@ def _train(config, workdir, mesh, n_dev, changed, lock, stop, stop_at_step, stre
                     record["train/images_per_sec"] = rate
                 if eval_now and not stopping:
                     try:
-                        last_knn = record["eval/knn_top1"] = evaluate_knn(state, stop_agreed)
-                        evaluated = True
+                        scores = evaluate_knn(state, stop_agreed)
+                        record.update(scores)
+                        last_knn, evaluated = scores["eval/knn_top1"], True
+                        warn_if_collapsed(n, scores)
                     except EvaluationInterrupted:
                         stopping = save_now = True  # saved without it; evaluated on resume
                 if main:
@@ -548,7 +579,8 @@ def _log_line(record: dict[str, Any], total: int, batch: int) -> str:
     parts = [f"step {record['step']}/{total}"]
     if "train/loss" in record:
         parts.append(f"loss {record['train/loss']:.4f}")
-        parts.append(f"top1 {record['train/contrastive_top1']:.3f}")
+        if "train/contrastive_top1" in record:  # the contrastive methods' own accuracy
+            parts.append(f"top1 {record['train/contrastive_top1']:.3f}")
         parts.append(f"lr {record['train/lr']:.4g}")
     rate = record.get("train/images_per_sec")
     if rate:

@@ -233,8 +233,10 @@ class ProgressBar:
 
 
 def plot_curves(records: list[dict[str, Any]], path: str) -> str | None:
-    """curves.png: train/loss and eval/knn_top1 against steps. Returns the path, or None when
-    matplotlib is missing (the caller says so)."""
+    """curves.png: train/loss and eval/knn_top1 against steps, and the collapse measures
+    (eval/rankme, eval/feature_std; train/alignment, train/uniformity for contrastive methods)
+    where the records have them. Returns the path, or None when matplotlib is missing (the
+    caller says so)."""
     try:
         import matplotlib
 
@@ -242,14 +244,22 @@ def plot_curves(records: list[dict[str, Any]], path: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    loss = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
-    knn = [(r["step"], r["eval/knn_top1"]) for r in records if "eval/knn_top1" in r]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, points, title in ((axes[0], loss, "train/loss"), (axes[1], knn, "eval/knn_top1")):
+    # The loss and kNN always; the collapse measures where the run logged them.
+    names = ["train/loss", "eval/knn_top1"] + [
+        name for name in ("eval/rankme", "eval/feature_std", "train/alignment",
+                          "train/uniformity") if any(name in r for r in records)]
+    cols = 2 if len(names) <= 2 else 3
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= len(names):
+            ax.axis("off")
+            continue
+        points = [(r["step"], r[names[i]]) for r in records if names[i] in r]
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3)
-        ax.set_title(title)
+        ax.set_title(names[i])
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -7,6 +7,7 @@ killed run in a subprocess (`python -m jaxssl train`); the others in this proces
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxssl import checkpoint, cli, configuration, steps, train
+from jaxssl import checkpoint, cli, configuration, state, steps, train
+from jaxssl.methods import simclr as simclr_method
 
 TINY = [
     ("num_steps", "12"), ("batch_size", "16"), ("log_every_steps", "2"),
@@ -82,7 +84,8 @@ def test_cli_writes_every_output(tmp_path, capsys):
     assert {"metrics.jsonl", "config.json", "checkpoints", "augment_preview.png", "curves.png",
             "tensorboard"} <= names
     records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-    assert records[0] == {"step": 0, "epoch": 0.0, "eval/knn_top1": records[0]["eval/knn_top1"]}
+    assert set(records[0]) == {"step", "epoch", "eval/knn_top1", "eval/feature_std", "eval/rankme"}
+    assert records[0]["step"] == 0 and records[0]["epoch"] == 0.0
     assert [r["step"] for r in records] == [0, 2, 4]
     for r in records[1:]:
         for key in ("epoch", "train/loss", "train/lr", "train/images_per_sec",
@@ -260,7 +263,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(straight, t
         params = jax.tree.map(lambda p: jnp.where(bad, jnp.nan, p), new_state.params)
         return new_state.replace(params=params), metrics
 
-    monkeypatch.setattr(steps, "simclr_step", poisoned)
+    monkeypatch.setattr(simclr_method, "simclr_step", poisoned)
     workdir = tmp_path / "nan"
     assert cli.main(cli_args(workdir, ("checkpoint_every_steps", "2"))) == 1
     err = capsys.readouterr().err.strip()
@@ -350,10 +353,22 @@ def test_moco_through_the_cli_and_exact_resume_with_key_encoder_and_queue(tmp_pa
     resumed = str(tmp_path / "resumed")
     first = train.train(tiny_config(*MOCO), resumed, stop_at_step=4)
     assert first.status == "stopped"
+    # The checkpoint rewritten in the layout of jaxssl before its methods package (the key
+    # encoder and queue as fields of the state): it is read, converted, and resumes exactly.
+    ckpt = checkpoint.Checkpointer(os.path.join(resumed, "checkpoints"), async_save=False)
+    legacy = state.to_legacy(ckpt.restore(first.state, 4))
+    ckpt.close()
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
+    ckpt = checkpoint.Checkpointer(os.path.join(resumed, "checkpoints"), async_save=False)
+    ckpt.save(4, legacy)
+    ckpt.close()
+    assert "['method_state']" in str(checkpoint.Checkpointer(
+        os.path.join(resumed, "checkpoints")).difference(first.state, 4))
     second = train.train(tiny_config(*MOCO), resumed)
+    assert "state layout of jaxssl before its methods package" in capsys.readouterr().out
     step, reference = restore_final(str(straight), second.state)
-    assert step == 8 and int(second.state.queue.ptr) == (8 * 2 * 16) % 64
-    assert second.state.momentum_params is not None
+    assert step == 8 and int(second.state.method_state["queue"].ptr) == (8 * 2 * 16) % 64
+    assert second.state.method_state["momentum_params"] is not None
     assert_same_state(reference, second.state)  # params, key encoder, queue, optimizer
     assert records_without_timing(resumed) == records
 

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 from jaxssl.losses import l2_normalize
 
-__all__ = ["normalized_std", "rankme", "alignment", "uniformity", "RANKME_EPS"]
+__all__ = ["normalized_std", "rankme", "alignment", "uniformity", "RANKME_EPS", "feature_health",
+           "collapse_message", "COLLAPSED_STD"]
 
 RANKME_EPS = 1e-7  # the RankMe paper's epsilon
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -68,3 +69,33 @@ def uniformity(z: jax.Array, t: float = 2.0) -> jax.Array:
     # log-mean-exp over the off-diagonal entries, stable for large t.
     logits = jnp.where(off, -t * sq, -jnp.inf)
     return jax.nn.logsumexp(logits) - jnp.log(n * (n - 1.0))
+
+
+def feature_health(z: jax.Array) -> dict[str, jax.Array]:
+    """{"feature_std": normalized_std(z), "rankme": RankMe of z, "dim": D} for the kNN monitor.
+
+    RankMe from the eigenvalues of the [D, D] Gram matrix z^T z (sigma_k^2), so that a sharded
+    [N, D] array of any N costs one [D, D] product and no SVD of N rows; equal to `rankme` up
+    to float32 rounding of the squares. Jit it; z may be a global array split over devices.
+    """
+    z = _float(z)
+    gram = jnp.matmul(z.T, z, precision=_HIGHEST)
+    sigma = jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(gram), 0.0))
+    p = sigma / jnp.maximum(jnp.sum(sigma), jnp.finfo(sigma.dtype).tiny) + RANKME_EPS
+    return {"feature_std": normalized_std(z), "rankme": jnp.exp(-jnp.sum(p * jnp.log(p)))}
+
+
+COLLAPSED_STD = 0.02  # feature_std * sqrt(D) below this: the features are (nearly) one vector
+
+
+def collapse_message(feature_std: float, rankme: float, dim: int) -> str | None:
+    """One line when the representation has collapsed, else None. Collapsed: the normalised
+    features' per-dimension std is under COLLAPSED_STD of the 1/sqrt(D) of a spread
+    representation (every image maps to about the same direction), or RankMe is under 1.5
+    (the features lie on about one line)."""
+    spread = 1.0 / dim ** 0.5
+    if feature_std < COLLAPSED_STD * spread or rankme < 1.5:
+        return (f"the representation has collapsed: per-dimension std of the normalised "
+                f"features {feature_std:.2g} (about {spread:.2g} when spread), effective rank "
+                f"(RankMe) {rankme:.3g} of {dim}")
+    return None
