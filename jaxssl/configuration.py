@@ -218,7 +218,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"{path} has no get_config() function")
     try:
         config = module.get_config(arg) if arg else module.get_config()
-    except AttributeError as e:
+    except (AttributeError, ValueError) as e:  # a misspelt field; an argument it refuses
         raise ConfigError(f"{path}: {_one_line(e)}") from e
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")

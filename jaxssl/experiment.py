@@ -54,9 +54,9 @@ def load_data(d: ml_collections.ConfigDict, with_eval: bool, training: bool = Tr
         raise ConfigError(str(e).splitlines()[0]) from e
     if training and d.augment == "device" and train_source.reader is not None:
         if not d.image_size:
-            raise ConfigError(f"data.augment='device' from records decodes every image to one "
-                              f"size on the host: set data.image_size (e.g. 256 for "
-                              f"out_size 224), or use --config.data.augment=split")
+            raise ConfigError("data.augment='device' from records decodes every image to one "
+                              "size on the host: set data.image_size (e.g. 256 for "
+                              "out_size 224), or use --config.data.augment=split")
     elif training and d.augment == "device" and train_source.images is None:
         raise ConfigError(f"data.augment='device' needs images in memory; {train_source.name} is "
                           "read from files: use --config.data.augment=host (or split)")

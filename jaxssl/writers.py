@@ -234,7 +234,8 @@ class ProgressBar:
 
 def plot_curves(records: list[dict[str, Any]], path: str) -> str | None:
     """curves.png: train/loss and eval/knn_top1 against steps, and the collapse measures
-    (eval/rankme, eval/feature_std; train/alignment, train/uniformity for contrastive methods)
+    (eval/rankme, eval/feature_std; train/embedding_std for the two-view methods;
+    train/alignment, train/uniformity for contrastive methods)
     where the records have them. Returns the path, or None when matplotlib is missing (the
     caller says so)."""
     try:
@@ -246,9 +247,10 @@ def plot_curves(records: list[dict[str, Any]], path: str) -> str | None:
         return None
     # The loss and kNN always; the collapse measures where the run logged them.
     names = ["train/loss", "eval/knn_top1"] + [
-        name for name in ("eval/rankme", "eval/feature_std", "train/alignment",
-                          "train/uniformity") if any(name in r for r in records)]
-    cols = 2 if len(names) <= 2 else 3
+        name for name in ("eval/rankme", "eval/feature_std", "train/embedding_std",
+                          "train/alignment", "train/uniformity")
+        if any(name in r for r in records)]
+    cols = 2 if len(names) <= 2 else 3 if len(names) <= 6 else 4
     rows = -(-len(names) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     for i, ax in enumerate(axes.flat):

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from jaxssl import configuration, ema, methods, models, optim, parallel, state as state_lib
 from jaxssl import steps, train
@@ -254,3 +255,39 @@ def test_kill_9_then_resume_is_bitwise_identical(tmp_path, name):
     assert resumed.status == "done" and resumed.step == 6
     assert_same_state(reference.state, resumed.state)
     assert records_without_timing(workdir) == records_without_timing(str(tmp_path / "straight"))
+
+
+def test_the_demo_runs_any_method_with_its_short_run_settings():
+    for name in methods.METHODS:
+        config = configuration.load_config(f"demo:{name}")
+        configuration.validate(config)
+        assert config.method == name
+    assert configuration.load_config("demo:byol").byol.momentum == 0.99
+    assert configuration.load_config("demo").method == "simclr"
+    with pytest.raises(ConfigError, match="unknown method 'dino' for the demo; choose one of"):
+        configuration.load_config("demo:dino")
+
+
+def test_embedding_std_and_alignment_uniformity_against_numpy(mesh):
+    """The step metrics of the collapse measures, by hand in float64 numpy, and the same on 8
+    devices (each row paired with every other row of the global batch)."""
+    from jaxssl.methods import base
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(2, 32, 6))
+    na = a / np.linalg.norm(a, axis=1, keepdims=True)
+    nb = b / np.linalg.norm(b, axis=1, keepdims=True)
+    want_std = np.mean(np.std(na, axis=0))
+    want_align = np.mean(np.sum((na - nb) ** 2, axis=1))
+    sq = np.sum((na[:, None] - na[None]) ** 2, axis=-1)
+    off = ~np.eye(32, dtype=bool)
+    want_uniform = np.log(np.mean(np.exp(-2 * sq[off])))
+    with jax.enable_x64(True):
+        got = jax.jit(lambda a, b: (base.embedding_std(a), *base.alignment_uniformity(a, b)))(a, b)
+        sharded = jax.jit(jax.shard_map(
+            lambda a, b: (base.embedding_std(a, "data"),
+                          *base.alignment_uniformity(a, b, axis_name="data")),
+            mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P()))(a, b)
+    for values in (got, sharded):
+        np.testing.assert_allclose([float(v) for v in values],
+                                   [want_std, want_align, want_uniform], rtol=1e-6)

@@ -26,7 +26,8 @@ from jaxssl.probe import probe_update
 
 __all__ = ["Method", "example_keys", "unpack", "views_and_labels", "forward_views",
            "apply_gradients", "average_stats", "finish", "global_norm", "momentum_fn",
-           "alignment_uniformity", "UNIFORMITY_ROWS"]
+           "alignment_uniformity", "UNIFORMITY_ROWS", "embedding_std", "two_view_step",
+           "momentum_update"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +192,20 @@ def alignment_uniformity(a: jax.Array, b: jax.Array, *, axis_name: str | None = 
     return align.astype(jnp.float32), jnp.log(total / count).astype(jnp.float32)
 
 
+def embedding_std(z: jax.Array, axis_name: str | None = None) -> jax.Array:
+    """The mean over dimensions of the standard deviation over the global batch of the
+    L2-normalised embeddings z [b, D]: about 1/sqrt(D) when they spread over the sphere, 0 when
+    every image maps to one vector (SimSiam's collapse indicator). float32 [], no gradient."""
+    n = l2_normalize(jax.lax.stop_gradient(z))
+    mean = jnp.mean(n, axis=0)
+    if axis_name is not None:
+        mean = jax.lax.pmean(mean, axis_name)
+    var = jnp.mean(jnp.square(n - mean), axis=0)
+    if axis_name is not None:
+        var = jax.lax.pmean(var, axis_name)
+    return jnp.mean(jnp.sqrt(var)).astype(jnp.float32)
+
+
 # --- the step of the two-view methods ---------------------------------------------------------
 
 def momentum_update(method_state: dict, params, batch_stats, m, axis_name=None,
@@ -217,8 +232,9 @@ def two_view_step(state, batch, key, *, loss_fn: Callable, apply_fn: Callable,
     state's method_state holds the EMA encoder ("momentum_params", "momentum_batch_stats"),
     which encodes both views before the update and moves towards the new parameters after it
     with m = momentum_fn(step) (BYOL's order). The online probe sees the features of both views.
-    Returns (state, metrics + "train/loss", "train/grad_norm", "train/ema_momentum" with
-    momentum_fn, and the probe's).
+    Returns (state, metrics + "train/loss", "train/embedding_std" (`embedding_std` of the
+    first view's projections), "train/grad_norm", "train/ema_momentum" with momentum_fn, and
+    the probe's).
     """
     x1, x2, labels = views_and_labels(batch, key, state.step, augment_fn, axis_name)
     ms = state.method_state
@@ -234,13 +250,13 @@ def two_view_step(state, batch, key, *, loss_fn: Callable, apply_fn: Callable,
         features = None
         if "features" in online[0]:
             features = jnp.concatenate([online[0]["features"], online[1]["features"]])
-        return loss, (metrics, stats, features)
+        return loss, (metrics, stats, features, online[0]["projection"])
 
-    (loss, (metrics, stats, features)), grads = jax.value_and_grad(
+    (loss, (metrics, stats, features, z1)), grads = jax.value_and_grad(
         objective, has_aux=True)(state.params)
     new_state = apply_gradients(state, grads, stats, tx=tx, axis_name=axis_name,
                                 average_batch_stats=average_batch_stats)
-    metrics = {"train/loss": loss, **metrics}
+    metrics = {"train/loss": loss, "train/embedding_std": embedding_std(z1, axis_name), **metrics}
     if momentum_fn is not None:
         m = momentum_fn(state.step)
         new_state = new_state.replace(method_state=momentum_update(

@@ -22,7 +22,8 @@ def mocov3_step(state, batch: Any, key: jax.Array, *, apply_fn: Callable,
                 average_batch_stats: bool = False, augment_fn: Callable | None = None,
                 probe_tx: optax.GradientTransformation | None = None):
     """One MoCo v3 update: loss = `mocov3_loss`(q1, q2, k1, k2) with q the online predictions
-    and k the momentum encoder's projections (2T-scaled, as in the paper). state.method_state
+    and k the momentum encoder's projections (2T-scaled, as in the paper; T = 0.2 is solo-learn's
+    CIFAR value and the paper's ViT one, its ResNet-50 code uses 1.0). state.method_state
     and momentum_fn as for `jaxssl.methods.byol.byol_step`. Returns (state, metrics):
     "train/loss", "train/contrastive_top1", "train/ema_momentum", "train/alignment" and
     "train/uniformity" (of q1 and k2), "train/grad_norm" (and the probe's)."""
@@ -43,6 +44,7 @@ def mocov3_step(state, batch: Any, key: jax.Array, *, apply_fn: Callable,
 
 def config_group() -> ml_collections.ConfigDict:
     g = ml_collections.ConfigDict()
+    # 0.2: solo-learn's CIFAR value and the paper's ViT setting (its ResNet-50 code uses 1.0).
     g.temperature = 0.2
     g.momentum = 0.99  # at the start; to 1 at the end with "cosine"
     g.momentum_schedule = "cosine"
@@ -53,8 +55,9 @@ def validate(config) -> None:
     from jaxssl.configuration import _check
 
     base.check_momentum_group(config.mocov3, "mocov3")
-    _check(config.mocov3.temperature > 0, f"mocov3.temperature must be positive (the paper: "
-                                          f"0.2); got {config.mocov3.temperature}")
+    _check(config.mocov3.temperature > 0, f"mocov3.temperature must be positive (0.2 for CIFAR "
+                                          f"and ViTs, 1.0 for a ResNet-50 on ImageNet); got "
+                                          f"{config.mocov3.temperature}")
 
 
 def bind(exp) -> Callable:
