@@ -168,7 +168,10 @@ def test_two_processes_of_4_devices_equal_one_process_of_8_through_sigterm_and_r
             # Equal up to float32 summation order (gloo's collectives against in-process ones).
             # The gradient norm is a sum whose terms cancel: its rounding is the largest (see
             # above; 2.25e-4 was seen on an AMD EPYC at the previous learning rate).
-            rtol = 1e-3 if key == "train/grad_norm" else 1e-4
+            # RankMe's small singular values come from the eigenvalues of a float32 Gram
+            # matrix (diagnostics.feature_health), each sqrt(eps) of the largest: 8e-4 was
+            # seen between the two layouts, so it gets 1e-2.
+            rtol = {"train/grad_norm": 1e-3, "eval/rankme": 1e-2}.get(key, 1e-4)
             np.testing.assert_allclose(a[key], b[key], rtol=rtol, err_msg=f"{key} @ {b['step']}")
     _assert_saved_params_close(workdir, single.state, 18)
 

@@ -76,7 +76,10 @@ def feature_health(z: jax.Array) -> dict[str, jax.Array]:
 
     RankMe from the eigenvalues of the [D, D] Gram matrix z^T z (sigma_k^2), so that a sharded
     [N, D] array of any N costs one [D, D] product and no SVD of N rows; equal to `rankme` up
-    to float32 rounding of the squares. Jit it; z may be a global array split over devices.
+    to float32 rounding of the squares: each small singular value is known to about
+    sqrt(eps) = 3e-4 of the largest, so RankMe to about 1e-3 relative (it is a collapse
+    measure, not a figure to compare across layouts bit for bit). Jit it; z may be a global
+    array split over devices.
     """
     z = _float(z)
     gram = jnp.matmul(z.T, z, precision=_HIGHEST)
