@@ -1,0 +1,1 @@
+jaxssl train --workdir W --config configs/demo.py:simsiam

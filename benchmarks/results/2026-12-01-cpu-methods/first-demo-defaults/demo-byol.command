@@ -1,0 +1,1 @@
+jaxssl train --workdir W --config demo --config.method=byol
