@@ -212,6 +212,18 @@ class Checkpointer:
                 f"cannot be read: {_one_line(e)})") from e
         return _leaf_shapes(saved)
 
+    def saved_fields(self, step: int) -> set[str]:
+        """The top-level fields of the state saved at `step` (from its metadata, a field saved
+        as None included); DamagedCheckpointError when the metadata cannot be read."""
+        try:
+            saved = self._manager.item_metadata(step)
+            saved = getattr(saved, "tree", saved)
+            return set(saved) if isinstance(saved, dict) else set()
+        except Exception as e:
+            raise DamagedCheckpointError(
+                f"the checkpoint at step {step} in {self.directory} is damaged (its metadata "
+                f"cannot be read: {_one_line(e)})") from e
+
     def difference(self, template: Any, step: int, *, ignore: str | None = None) -> str | None:
         """None when the checkpoint at `step` holds exactly the leaves of `template` (a state or
         its jax.eval_shape), with the same shapes; else the first difference, in words.

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 __all__ = ["TrainState", "create_train_state", "momentum_encoder", "LegacyTrainState",
-           "to_legacy", "from_legacy"]
+           "LEGACY_FIELDS", "to_legacy", "from_legacy"]
 
 
 @flax.struct.dataclass
@@ -36,6 +36,21 @@ class TrainState:
     opt_state: Any
     method_state: Any = None
     probe: Any = None
+
+    # Read-only, as before the methods package, where these were fields: the EMA encoder and
+    # MoCo's queue in method_state (None when the method has none). Change them with
+    # replace(method_state={...}).
+    @property
+    def momentum_params(self) -> Any:
+        return (self.method_state or {}).get("momentum_params")
+
+    @property
+    def momentum_batch_stats(self) -> Any:
+        return (self.method_state or {}).get("momentum_batch_stats")
+
+    @property
+    def queue(self) -> Any:
+        return (self.method_state or {}).get("queue")
 
 
 def _copy(tree):
@@ -91,18 +106,18 @@ class LegacyTrainState:
     probe: Any = None
 
 
-_LEGACY_KEYS = ("momentum_params", "momentum_batch_stats", "queue")
+LEGACY_FIELDS = ("momentum_params", "momentum_batch_stats", "queue")
 
 
 def to_legacy(state: TrainState) -> LegacyTrainState | None:
     """The old layout of `state` (a template to restore an old checkpoint into), or None when
     the state has method-owned parts the old layout had no place for."""
     ms = state.method_state
-    if ms is not None and not (isinstance(ms, dict) and set(ms) <= set(_LEGACY_KEYS)):
+    if ms is not None and not (isinstance(ms, dict) and set(ms) <= set(LEGACY_FIELDS)):
         return None
     ms = ms or {}
     return LegacyTrainState(state.step, state.params, state.batch_stats, state.opt_state,
-                            **{k: ms.get(k) for k in _LEGACY_KEYS}, probe=state.probe)
+                            **{k: ms.get(k) for k in LEGACY_FIELDS}, probe=state.probe)
 
 
 def from_legacy(old: LegacyTrainState, like: TrainState) -> TrainState:

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 import jax
 import ml_collections
 
-from jaxssl import configuration, distributed, experiment, files, parallel
+from jaxssl import configuration, distributed, experiment, files, methods, parallel
 from jaxssl import state as state_lib
 from jaxssl.checkpoint import CheckpointWriteError, Checkpointer, DamagedCheckpointError
 from jaxssl.configuration import ConfigError
@@ -124,10 +124,14 @@ def _restore_newest(make_ckpt, state, workdir: str, say):
                 error = None
                 try:
                     diff = ckpt.difference(state, step)
-                    legacy = None if diff is None else state_lib.to_legacy(state)
+                    # Written before jaxssl.methods: MoCo's key encoder and queue were fields
+                    # of the state (saved as None by SimCLR, which compares equal above).
+                    fields = ckpt.saved_fields(step)
+                    old_layout = "method_state" not in fields and bool(
+                        fields & set(state_lib.LEGACY_FIELDS))
+                    legacy = state_lib.to_legacy(state) if old_layout else None
                     if legacy is not None and ckpt.difference(legacy, step) is None:
-                        # Written before jaxssl.methods: MoCo's key encoder and queue were
-                        # fields of the state. The same values, moved to method_state.
+                        # The same values, moved to method_state.
                         restored = state_lib.from_legacy(ckpt.restore(legacy, step), state)
                         diff = None
                         say(f"note: the checkpoint at step {step} has the state layout of "
@@ -198,14 +202,23 @@ def _config_changes(config, workdir: str, n_dev: int, allow: bool) -> list[str] 
         return None
     old = _flatten(json.loads(files.read_text(path)))
     new = _flatten(json.loads(config.to_json_best_effort()))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    # A field added to jaxssl since the workdir started (absent from its config.json) that
+    # keeps its default is no change: the run trained with what the default does.
+    defaults = _flatten(json.loads(configuration.default_config().to_json_best_effort()))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)
+                     and not (k not in old and new.get(k) == defaults.get(k)))
     run_path = files.join(workdir, "run.json")
     if config.model.bn == "local" and files.exists(run_path):
         devices = json.loads(files.read_text(run_path)).get("devices")
         if devices not in (None, n_dev):
             old["devices"], new["devices"] = devices, n_dev  # one BatchNorm group per device
             changed.append("devices")
-    binding = [k for k in changed if not k.startswith(_FREE_FIELDS)]
+    # The groups of the methods that do not run are read by nothing, nor is the predictor's
+    # width by a method without one.
+    idle = tuple(f"{name}." for name in methods.METHODS if name != config.method)
+    if not methods.get(config.method).predictor:
+        idle += ("model.predictor_hidden_dims",)
+    binding = [k for k in changed if not k.startswith(_FREE_FIELDS + idle)]
     if binding and not allow:
         shown = "; ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in binding[:4])
         more = f" and {len(binding) - 4} more" if len(binding) > 4 else ""

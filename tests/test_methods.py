@@ -202,16 +202,29 @@ def test_collapse_is_said_in_one_line():
 
 
 def test_feature_health_equals_the_plain_measures():
-    z = np.random.default_rng(1).normal(size=(200, 24)) * np.linspace(0.1, 3, 24)
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(200, 24)) * np.linspace(0.1, 3, 24)
     health = jax.device_get(diagnostics.feature_health(z.astype(np.float32)))
     assert float(health["rankme"]) == pytest.approx(float(diagnostics.rankme(z)), rel=1e-5)
     assert float(health["feature_std"]) == pytest.approx(float(diagnostics.normalized_std(z)),
                                                          rel=1e-5)
+    # Features of rank 1 and 2 in 256 dimensions: the Gram matrix's rounding must not read
+    # as rank (it did, 1.6 for rank 1, before eigenvalues within it were taken as 0), or a
+    # collapse would go unseen.
+    for rank in (1, 2):
+        low = (rng.normal(size=(1000, rank)) @ rng.normal(size=(rank, 256))).astype(np.float32)
+        got = float(jax.device_get(jax.jit(diagnostics.feature_health)(low))["rankme"])
+        assert got == pytest.approx(float(diagnostics.rankme(low.astype(np.float64))), abs=0.01)
+    assert diagnostics.collapse_message(0.05, got, 256) is None  # rank 2: not one line
+    one = float(jax.device_get(diagnostics.feature_health(low[:, :1] * np.ones((1, 256))))[
+        "rankme"])
+    assert diagnostics.collapse_message(0.05, one, 256) is not None
 
 
 # --- exact resume after kill -9, through the CLI, for every new method ---------------------
 
-RESUME = [("num_steps", "6"), ("checkpoint_every_steps", "2"), ("eval_every_steps", "6"),
+# 12 steps with a checkpoint every 2: the kill comes at the first, with 10 steps left to run.
+RESUME = [("num_steps", "12"), ("checkpoint_every_steps", "2"), ("eval_every_steps", "12"),
           ("model.predictor_hidden_dims", "(16,)")]
 
 
@@ -223,12 +236,12 @@ def test_kill_9_then_resume_is_bitwise_identical(tmp_path, name):
     # The kNN monitor (and its compilation) for BYOL only: it is the same for every method.
     extra = [("method", name), *RESUME] + ([] if name == "byol" else [("eval.knn", "false")])
     reference = train.train(tiny_config(*extra), str(tmp_path / "straight"))
-    assert reference.status == "done" and reference.step == 6
+    assert reference.status == "done" and reference.step == 12
     records = records_without_timing(str(tmp_path / "straight"))
     # The collapse measures go with every kNN evaluation; alignment and uniformity with the
     # contrastive methods' train metrics, the embeddings' std with the two-view methods'.
     evals = [r for r in records if "eval/knn_top1" in r]
-    assert [r["step"] for r in evals] == ([0, 6] if name == "byol" else [])
+    assert [r["step"] for r in evals] == ([0, 12] if name == "byol" else [])
     for r in evals:
         assert 0 < r["eval/feature_std"] < 1 and 1 <= r["eval/rankme"] <= 64
     assert ("train/embedding_std" in records[-1]) == (name in NEW)
@@ -240,9 +253,9 @@ def test_kill_9_then_resume_is_bitwise_identical(tmp_path, name):
         # at the step t it was used at (the metric of step s was computed with t = s - 1).
         logged = [(r["step"], r["train/ema_momentum"]) for r in records
                   if "train/ema_momentum" in r]
-        assert [s for s, _ in logged] == [2, 4, 6]
+        assert [s for s, _ in logged] == [2, 4, 6, 8, 10, 12]
         for s, m in logged:
-            assert m == pytest.approx(1 - 0.004 * (math.cos(math.pi * (s - 1) / 6) + 1) / 2,
+            assert m == pytest.approx(1 - 0.004 * (math.cos(math.pi * (s - 1) / 12) + 1) / 2,
                                       rel=1e-6)
     workdir = str(tmp_path / "killed")
     proc = subprocess.Popen([sys.executable, "-m", "jaxssl"] + cli_args(workdir, *extra),
@@ -252,9 +265,9 @@ def test_kill_9_then_resume_is_bitwise_identical(tmp_path, name):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before the kill"
     done = [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
-    assert done and max(map(int, done)) < 6
+    assert done and max(map(int, done)) < 12
     resumed = train.train(tiny_config(*extra), workdir)
-    assert resumed.status == "done" and resumed.step == 6
+    assert resumed.status == "done" and resumed.step == 12
     assert_same_state(reference.state, resumed.state)
     assert records_without_timing(workdir) == records_without_timing(str(tmp_path / "straight"))
 

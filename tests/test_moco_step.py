@@ -92,19 +92,19 @@ def test_ema_and_queue_after_one_step():
     frozen, metrics = step(1.0, False)
     assert float(metrics["train/ema_momentum"]) == 1.0
     # The optimizer moved the query encoder; the key encoder (m = 1) did not move at all, so no
-    # gradient reached it.
+    # gradient reached it. (Read through TrainState's properties, as before method_state.)
     assert not np.allclose(np.asarray(jax.tree.leaves(frozen.params)[0]),
                            np.asarray(jax.tree.leaves(st0.params)[0]))
-    for a, b in zip(jax.tree.leaves(frozen.method_state["momentum_params"]), jax.tree.leaves(st0.method_state["momentum_params"])):
+    for a, b in zip(jax.tree.leaves(frozen.momentum_params), jax.tree.leaves(st0.momentum_params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # The queue: the keys of x2 (unit rows) went into rows [0, 16); the rest is untouched.
-    assert int(frozen.method_state["queue"].ptr) == BATCH
+    assert int(frozen.queue.ptr) == BATCH
     x1, x2 = views(BATCH)
-    out, _ = apply_fn(st0.method_state["momentum_params"], st0.method_state["momentum_batch_stats"], x2, train=True)
+    out, _ = apply_fn(st0.momentum_params, st0.momentum_batch_stats, x2, train=True)
     want = np.array(out["projection"])
     want /= np.linalg.norm(want, axis=1, keepdims=True)
-    np.testing.assert_allclose(np.asarray(frozen.method_state["queue"].keys[:BATCH]), want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(frozen.method_state["queue"].keys[BATCH:]),
-                                  np.asarray(st0.method_state["queue"].keys[BATCH:]))
+    np.testing.assert_allclose(np.asarray(frozen.queue.keys[:BATCH]), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(frozen.queue.keys[BATCH:]),
+                                  np.asarray(st0.queue.keys[BATCH:]))
     symmetric, _ = step(0.99, True)
-    assert int(symmetric.method_state["queue"].ptr) == 2 * BATCH
+    assert int(symmetric.queue.ptr) == 2 * BATCH

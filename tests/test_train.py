@@ -123,11 +123,33 @@ def test_the_learning_rate_logged_is_the_schedule(straight):
     np.testing.assert_allclose(lrs, [peak * (s - 1) / 12 for s in steps_logged], rtol=1e-6)
 
 
+def _as_written_before_the_methods_package(workdir, state_now, step):
+    """The workdir as jaxssl wrote it before its methods package: the checkpoint in the old
+    layout (momentum_params, momentum_batch_stats and queue fields, None for SimCLR) and a
+    config.json without the fields added since (the predictor, the new methods' groups)."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    shutil.rmtree(os.path.join(ckpt_dir, str(step)))
+    ckpt = checkpoint.Checkpointer(ckpt_dir, async_save=False)
+    ckpt.save(step, state.to_legacy(state_now))
+    ckpt.close()
+    assert {"momentum_params", "queue"} <= checkpoint.Checkpointer(ckpt_dir).saved_fields(step)
+    path = os.path.join(workdir, "config.json")
+    config = json.load(open(path))
+    for group in ("byol", "barlow_twins", "vicreg", "mocov3"):
+        del config[group]
+    del config["model"]["predictor_hidden_dims"]
+    with open(path, "w") as f:
+        json.dump(config, f)
+
+
 def test_resume_after_a_stop_is_bitwise_identical(straight, tmp_path):
+    """Through a workdir as jaxssl wrote it before the methods package, too: it resumes with
+    no config change reported and the checkpoint converted."""
     reference, reference_records = straight
     workdir = str(tmp_path / "resumed")
     first = train.train(tiny_config(), workdir, stop_at_step=6)
     assert first.status == "stopped" and first.step == 6
+    _as_written_before_the_methods_package(workdir, first.state, 6)
     second = train.train(tiny_config(), workdir)
     assert second.status == "done" and second.step == 12
     assert_same_state(reference.state, second.state)

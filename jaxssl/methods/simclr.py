@@ -3,7 +3,6 @@ own; its fields are `loss.temperature` and `loss.block_size`."""
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
@@ -97,13 +96,9 @@ def simclr_step(
 
 
 def bind(exp) -> Callable:
-    from jaxssl import parallel
-
-    config = exp.config
-    return functools.partial(
-        simclr_step, apply_fn=exp.apply_fn, tx=exp.tx, temperature=config.loss.temperature,
-        average_batch_stats=parallel.BN_MODES[config.model.bn].average_batch_stats,
-        augment_fn=exp.augment_fn, probe_tx=exp.probe_tx, loss_block_size=config.loss.block_size)
+    loss = exp.config.loss
+    return base.bound(simclr_step, exp, temperature=loss.temperature,
+                      loss_block_size=loss.block_size)
 
 
 METHOD = base.Method(name="simclr", title="SimCLR", step=simclr_step, bind=bind,
