@@ -25,8 +25,12 @@ _METHOD_SETTINGS = {
     # The target's momentum of solo-learn's CIFAR recipe: 0.996 leaves the target near its
     # random start for most of 585 steps.
     "byol": {"byol.momentum": 0.99},
-    # SimSiam's projector ends in BatchNorm, and its predictor is a bottleneck (1/4 wide).
-    "simsiam": {"model.output_bn": True, "model.predictor_hidden_dims": (16,)},
+    # SimSiam's projector ends in BatchNorm, and its predictor is a bottleneck (1/4 wide); its
+    # recipe's SGD with weight decay and a predictor learning rate that does not decay. With
+    # the demo's AdamW the features collapsed in part on CIFAR-10 (RankMe 3 of 128).
+    "simsiam": {"model.output_bn": True, "model.predictor_hidden_dims": (16,),
+                "optim.name": "sgd", "optim.base_lr": 0.1, "optim.weight_decay": 5e-4,
+                "optim.momentum": 0.9, "optim.fixed_predictor_lr": True},
     # lambda about 1/D: the paper's 0.0051 is for D = 8192; at D = 64 the off-diagonal term
     # would barely count.
     "barlow_twins": {"barlow_twins.lambd": 1 / 64},

@@ -7,7 +7,9 @@ Evaluate as for the other CIFAR-10 configs. Data as in configs/simclr_cifar10.py
 
 The recipe of solo-learn's scripts/pretrain/cifar/simsiam.yaml: a 3-layer 2048-2048-2048
 projector with BN on its output, a 512-wide predictor (2048-512-2048), SGD (momentum 0.9)
-with lr 0.5 at batch 256 (linear scaling), weight decay 1e-5, cosine after 10 warmup epochs,
+with lr 0.5 at batch 256 (linear scaling), weight decay 1e-5, cosine after 10 warmup epochs
+except for the predictor, whose learning rate stays at its peak (solo-learn's static_lr, the
+paper's fix_pred_lr),
 crops of 0.2-1 with the MoCo v2 colour jitter (solo-learn's symmetric_weak), global BN.
 One difference: SimSiam's output BN has no affine parameters; jaxssl's output BN learns a scale.
 Expected: solo-learn reports 90.5% linear top-1 after 1000 epochs; jaxssl's own figure is
@@ -29,4 +31,5 @@ def get_config(epochs: str = "1000"):
     config.optim.base_lr = 0.5
     config.optim.weight_decay = 1e-5
     config.optim.momentum = 0.9
+    config.optim.fixed_predictor_lr = True
     return config

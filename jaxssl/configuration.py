@@ -103,6 +103,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.trust_coefficient = 0.001
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
+    # True: the predictor's learning rate stays at its peak after the warmup instead of
+    # decaying with the rest (SimSiam's recipe; solo-learn's static_lr). Methods with a predictor.
+    c.optim.fixed_predictor_lr = False
 
     c.loss = ml_collections.ConfigDict()
     c.loss.temperature = 0.1
@@ -381,6 +384,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                         f"e.g. 4096 for tiles); got {config.loss.block_size}")
     _check(config.data.out_size >= 8, f"data.out_size must be at least 8; got {config.data.out_size}")
     _check(config.optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
+    _check(not config.optim.fixed_predictor_lr or method.predictor,
+           f"optim.fixed_predictor_lr is for a method with a predictor "
+           f"({', '.join(n for n, m in _methods().items() if m.predictor)}); "
+           f"{config.method} has none")
     _check(config.eval.knn_k >= 1, f"eval.knn_k must be >= 1; got {config.eval.knn_k}")
     _check(config.eval.knn_temperature > 0, "eval.knn_temperature must be positive")
     _check(config.eval.batch_size > 0, "eval.batch_size must be positive")

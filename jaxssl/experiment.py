@@ -142,9 +142,12 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, *, with_eval: bool,
     warmup_steps = min(total_steps, round(o.warmup_epochs * plan.steps_per_epoch))
     peak_lr = optim.scale_learning_rate(o.base_lr, config.batch_size, o.lr_scaling)
     schedule = optim.warmup_cosine_schedule(peak_lr, warmup_steps, total_steps, o.end_lr)
+    groups = None
+    if o.fixed_predictor_lr:
+        groups = {"predictor": optim.warmup_constant_schedule(peak_lr, warmup_steps)}
     tx = optim.make_optimizer(o.name, schedule, weight_decay=o.weight_decay, momentum=o.momentum,
                               nesterov=o.nesterov, trust_coefficient=o.trust_coefficient,
-                              b1=o.b1, b2=o.b2)
+                              b1=o.b1, b2=o.b2, group_learning_rates=groups)
     augment_fn = None if d.augment == "host" else augment_jax.make_device_augment(
         recipe, d.out_size, train_source.mean, train_source.std, mode=d.augment, dtype=dtype)
     probe_tx = None

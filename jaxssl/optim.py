@@ -7,6 +7,7 @@ from LARS's trust-ratio adaptation, as in SimCLR, BYOL and MoCo v3.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
@@ -18,6 +19,7 @@ __all__ = [
     "decay_mask",
     "scale_learning_rate",
     "warmup_cosine_schedule",
+    "warmup_constant_schedule",
     "make_optimizer",
 ]
 
@@ -65,6 +67,17 @@ def warmup_cosine_schedule(
     )
 
 
+def warmup_constant_schedule(peak_lr: float, warmup_steps: int) -> Callable:
+    """Linear warmup from 0 to peak_lr over warmup_steps, then peak_lr for ever (SimSiam's
+    predictor, whose learning rate does not decay). step -> learning rate."""
+    if warmup_steps < 0:
+        raise ValueError(f"need warmup_steps >= 0; got {warmup_steps}")
+    if warmup_steps == 0:
+        return optax.constant_schedule(peak_lr)
+    return optax.join_schedules([optax.linear_schedule(0.0, peak_lr, warmup_steps),
+                                 optax.constant_schedule(peak_lr)], [warmup_steps])
+
+
 def _lars(lr, *, weight_decay, momentum, trust_coefficient, **_):
     return optax.lars(
         lr,
@@ -102,23 +115,40 @@ def make_optimizer(
     trust_coefficient: float = 0.001,
     b1: float = 0.9,
     b2: float = 0.999,
+    group_learning_rates: Mapping[str, float | Callable] | None = None,
 ) -> optax.GradientTransformation:
     """An optax optimizer from OPTIMIZERS with the bias/BN mask applied.
 
     learning_rate: a float or a schedule (step -> lr). momentum/nesterov: SGD and LARS;
     trust_coefficient: LARS; b1/b2: AdamW. Weight decay is coupled (added to the gradient) for
     SGD and LARS, decoupled for AdamW.
+    group_learning_rates: {top-level key of the params: its own learning rate}, e.g.
+    {"predictor": warmup-then-constant} for SimSiam's predictor, whose learning rate does not
+    decay. The same optimizer (and weight decay) runs on each group, so with equal learning
+    rates the updates are those of one optimizer over all the parameters. The params the
+    optimizer is initialised with must be a dict with the groups' keys.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
-    return OPTIMIZERS[name](
-        learning_rate,
-        weight_decay=weight_decay,
-        momentum=momentum,
-        nesterov=nesterov,
-        trust_coefficient=trust_coefficient,
-        b1=b1,
-        b2=b2,
-    )
+
+    def make(lr):
+        return OPTIMIZERS[name](lr, weight_decay=weight_decay, momentum=momentum,
+                                nesterov=nesterov, trust_coefficient=trust_coefficient,
+                                b1=b1, b2=b2)
+
+    if not group_learning_rates:
+        return make(learning_rate)
+    groups = dict(group_learning_rates)
+
+    def labels(params):
+        missing = sorted(set(groups) - set(params))
+        if missing:
+            raise ValueError(f"no parameters under {missing} for their own learning rate; "
+                             f"the params have {sorted(params)}")
+        return {key: jax.tree.map(lambda _, k=key: k if k in groups else "", value)
+                for key, value in params.items()}
+
+    transforms = {"": make(learning_rate), **{k: make(lr) for k, lr in groups.items()}}
+    return optax.multi_transform(transforms, labels)

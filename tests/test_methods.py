@@ -78,6 +78,12 @@ def test_each_method_owns_its_config_group_and_its_one_line_errors():
         with pytest.raises(ConfigError) as e:
             configuration.validate(config)
         assert message in str(e.value) and "\n" not in str(e.value), (field, str(e.value))
+    # The predictor's own learning rate needs a predictor.
+    config = configuration.load_config("demo")
+    configuration.apply_overrides(config, [("optim.fixed_predictor_lr", "true")])
+    with pytest.raises(ConfigError, match="optim.fixed_predictor_lr is for a method with a "
+                                          r"predictor \(byol, simsiam, mocov3\); simclr has none"):
+        configuration.validate(config)
 
 
 class _Backbone(nn.Module):
@@ -195,6 +201,14 @@ def test_collapse_is_said_in_one_line():
     assert msg.startswith("the representation has collapsed") and "\n" not in msg
     assert "RankMe) 1.01 of 128" in msg
     assert diagnostics.collapse_message(0.05, 1.2, 128) is not None  # one line of features
+    # A dimensional collapse: SimSiam's demo settings on CIFAR-10 once ended at RankMe 3.06 of
+    # 128 (std 0.009); a random initialisation of the same model spans 29.6 (std 0.0235).
+    partly = diagnostics.collapse_message(0.009, 3.06, 128)
+    assert partly.startswith("the representation has partly collapsed: its features span "
+                             "about 3.06 of 128 dimensions") and "\n" not in partly
+    assert diagnostics.collapse_message(0.0235, 29.6, 128) is None
+    assert diagnostics.collapse_message(0.05, 8.1, 128) is None  # the bound: D / 16 = 8
+    assert diagnostics.collapse_message(0.05, 7.9, 128) is not None
     collapsed = np.tile(np.random.default_rng(0).normal(size=(1, 32)), (64, 1))
     health = jax.device_get(diagnostics.feature_health(collapsed + 1e-6 * np.arange(64)[:, None]))
     assert diagnostics.collapse_message(float(health["feature_std"]), float(health["rankme"]),
@@ -215,7 +229,8 @@ def test_feature_health_equals_the_plain_measures():
         low = (rng.normal(size=(1000, rank)) @ rng.normal(size=(rank, 256))).astype(np.float32)
         got = float(jax.device_get(jax.jit(diagnostics.feature_health)(low))["rankme"])
         assert got == pytest.approx(float(diagnostics.rankme(low.astype(np.float64))), abs=0.01)
-    assert diagnostics.collapse_message(0.05, got, 256) is None  # rank 2: not one line
+    assert diagnostics.collapse_message(0.05, got, 256).startswith(
+        "the representation has partly collapsed")  # rank 2: not one line, but 2 of 256
     one = float(jax.device_get(diagnostics.feature_health(low[:, :1] * np.ones((1, 256))))[
         "rankme"])
     assert diagnostics.collapse_message(0.05, one, 256) is not None
@@ -234,9 +249,13 @@ def test_kill_9_then_resume_is_bitwise_identical(tmp_path, name):
                             records_without_timing, tiny_config)
 
     # The kNN monitor (and its compilation) for BYOL only: it is the same for every method.
-    extra = [("method", name), *RESUME] + ([] if name == "byol" else [("eval.knn", "false")])
+    # SimSiam's with its predictor's own learning rate: an optimizer state in two groups.
+    extra = ([("method", name), *RESUME] + ([] if name == "byol" else [("eval.knn", "false")])
+             + ([("optim.fixed_predictor_lr", "true")] if name == "simsiam" else []))
     reference = train.train(tiny_config(*extra), str(tmp_path / "straight"))
     assert reference.status == "done" and reference.step == 12
+    if name == "simsiam":  # the predictor's own optimizer next to the rest's
+        assert set(reference.state.opt_state.inner_states) == {"", "predictor"}
     records = records_without_timing(str(tmp_path / "straight"))
     # The collapse measures go with every kNN evaluation; alignment and uniformity with the
     # contrastive methods' train metrics, the embeddings' std with the two-view methods'.

@@ -111,3 +111,48 @@ def test_schedule_drives_optimizer():
 def test_unknown_optimizer():
     with pytest.raises(ValueError, match="unknown optimizer 'adam'; choose one of"):
         optim.make_optimizer("adam", 0.1)
+
+
+def test_warmup_constant_schedule_values():
+    s = optim.warmup_constant_schedule(0.4, 4)
+    np.testing.assert_allclose([float(s(t)) for t in (0, 1, 2, 4, 5, 1000)],
+                               [0.0, 0.1, 0.2, 0.4, 0.4, 0.4], rtol=1e-6)
+    assert float(optim.warmup_constant_schedule(0.4, 0)(0)) == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="warmup_steps >= 0"):
+        optim.warmup_constant_schedule(0.4, -1)
+
+
+@pytest.mark.parametrize("name", ["sgd", "lars", "adamw"])
+def test_a_group_with_its_own_learning_rate(name):
+    """SimSiam's predictor: its own (here constant) lr, every other leaf the schedule. Each
+    group's updates equal those of the plain optimizer run on that group alone with that lr,
+    and with the same lr for both the updates equal one optimizer over everything, bit for
+    bit."""
+    schedule = optim.warmup_cosine_schedule(0.5, 1, 5)
+    params = {"backbone": _tree(), "predictor": jax.tree.map(lambda x: 2 * x, _tree())}
+    grads = {"backbone": _grads(), "predictor": jax.tree.map(lambda x: -x, _grads())}
+    kw = dict(weight_decay=0.01, momentum=0.9)
+    split = optim.make_optimizer(name, schedule, group_learning_rates={"predictor": 0.3}, **kw)
+    parts = {"backbone": optim.make_optimizer(name, schedule, **kw),
+             "predictor": optim.make_optimizer(name, 0.3, **kw)}
+    same = optim.make_optimizer(name, schedule, group_learning_rates={"predictor": schedule},
+                                **kw)
+    whole = optim.make_optimizer(name, schedule, **kw)
+    st_split, st_same, st_whole = split.init(params), same.init(params), whole.init(params)
+    st_parts = {k: parts[k].init(params[k]) for k in parts}
+    for _ in range(4):
+        u_split, st_split = split.update(grads, st_split, params)
+        for k in parts:
+            u, st_parts[k] = parts[k].update(grads[k], st_parts[k], params[k])
+            for a, b in zip(jax.tree.leaves(u_split[k]), jax.tree.leaves(u)):
+                np.testing.assert_array_equal(a, b)
+        u_same, st_same = same.update(grads, st_same, params)
+        u_whole, st_whole = whole.update(grads, st_whole, params)
+        for a, b in zip(jax.tree.leaves(u_same), jax.tree.leaves(u_whole)):
+            np.testing.assert_array_equal(a, b)
+    # The schedule is at 0 in the first step (warmup); the predictor's constant lr is not.
+    u0, _ = split.update(grads, split.init(params), params)
+    assert float(jnp.abs(u0["backbone"]["b"]).max()) == 0.0
+    assert float(jnp.abs(u0["predictor"]["b"]).max()) > 0.0
+    with pytest.raises(ValueError, match=r"no parameters under \['predictor'\]"):
+        split.init({"backbone": _tree()})

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jaxssl.losses import l2_normalize
 
 __all__ = ["normalized_std", "rankme", "alignment", "uniformity", "RANKME_EPS", "feature_health",
-           "collapse_message", "COLLAPSED_STD"]
+           "collapse_message", "COLLAPSED_STD", "PARTIAL_RANK"]
 
 RANKME_EPS = 1e-7  # the RankMe paper's epsilon
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -95,16 +95,26 @@ def feature_health(z: jax.Array) -> dict[str, jax.Array]:
 
 
 COLLAPSED_STD = 0.02  # feature_std * sqrt(D) below this: the features are (nearly) one vector
+PARTIAL_RANK = 1 / 16  # RankMe / D below this: the features span few of their dimensions
 
 
 def collapse_message(feature_std: float, rankme: float, dim: int) -> str | None:
-    """One line when the representation has collapsed, else None. Collapsed: the normalised
-    features' per-dimension std is under COLLAPSED_STD of the 1/sqrt(D) of a spread
-    representation (every image maps to about the same direction), or RankMe is under 1.5
-    (the features lie on about one line)."""
+    """One line when the representation has collapsed, completely or in part, else None.
+
+    Collapsed: the normalised features' per-dimension std is under COLLAPSED_STD of the
+    1/sqrt(D) of a spread representation (every image maps to about the same direction), or
+    RankMe is under 1.5 (the features lie on about one line). Partly collapsed (a dimensional
+    collapse, which a kNN score near chance does not tell apart from slow learning): RankMe under
+    PARTIAL_RANK of D. A randomly initialised ResNet's features already span about a quarter of
+    their dimensions (RankMe 30 of 128 for the demo model)."""
     spread = 1.0 / dim ** 0.5
     if feature_std < COLLAPSED_STD * spread or rankme < 1.5:
         return (f"the representation has collapsed: per-dimension std of the normalised "
                 f"features {feature_std:.2g} (about {spread:.2g} when spread), effective rank "
                 f"(RankMe) {rankme:.3g} of {dim}")
+    if rankme < PARTIAL_RANK * dim:
+        return (f"the representation has partly collapsed: its features span about {rankme:.3g} "
+                f"of {dim} dimensions (effective rank, RankMe; under {PARTIAL_RANK * dim:.3g} is "
+                f"a dimensional collapse), per-dimension std of the normalised features "
+                f"{feature_std:.2g} (about {spread:.2g} when spread)")
     return None
