@@ -39,11 +39,17 @@ command=train
 if [[ "$1" == train || "$1" == eval ]]; then command="$1"; shift; fi
 python="${PYTHON:-python3}"
 
+# The caller's other XLA flags are kept; its device count is replaced by -d's.
+xla_flags="--xla_force_host_platform_device_count=${devices}"
+for flag in ${XLA_FLAGS:-}; do
+  [[ "$flag" == --xla_force_host_platform_device_count=* ]] || xla_flags+=" $flag"
+done
+
 pids=()
 forward() { kill -TERM "${pids[@]}" 2>/dev/null || true; }
 trap forward INT TERM
 for ((i = 0; i < processes; i++)); do
-  env JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${devices}" \
+  env JAX_PLATFORMS=cpu XLA_FLAGS="$xla_flags" \
     "$python" -m jaxssl "$command" --coordinator "localhost:${port}" --num_processes "$processes" \
     --process_id "$i" "$@" \
     > >(if [[ $i -eq 0 ]]; then cat; else cat > "${logdir}/jaxssl_process_${i}.log"; fi) 2>&1 &

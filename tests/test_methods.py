@@ -238,12 +238,14 @@ def test_feature_health_equals_the_plain_measures():
 
 # --- exact resume after kill -9, through the CLI, for every new method ---------------------
 
-# 12 steps with a checkpoint every 2: the kill comes at the first, with 10 steps left to run.
-RESUME = [("num_steps", "12"), ("checkpoint_every_steps", "2"), ("eval_every_steps", "12"),
+# 12 steps with a checkpoint every 3: the kill comes at the first, with 9 steps left to run.
+RESUME = [("num_steps", "12"), ("checkpoint_every_steps", "3"), ("eval_every_steps", "12"),
           ("model.predictor_hidden_dims", "(16,)")]
 
 
-@pytest.mark.parametrize("name", NEW + ["moco"])  # SimCLR's is in test_train
+# SimCLR's kill -9 test is in test_train; MoCo v2's state (key encoder, queue) resumes there too,
+# through a stop and a checkpoint in the layout before this package.
+@pytest.mark.parametrize("name", NEW)
 def test_kill_9_then_resume_is_bitwise_identical(tmp_path, name):
     from test_train import (_wait_for_checkpoint, assert_same_state, cli_args,
                             records_without_timing, tiny_config)

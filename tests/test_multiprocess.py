@@ -30,8 +30,11 @@ def _free_port() -> int:
 
 
 def _spawn(workdir, pid, port, *extra, num_processes=2, timeout=120):
+    # 4 devices a process; the session's other XLA flags (conftest's) are kept.
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+               XLA_FLAGS=" ".join(["--xla_force_host_platform_device_count=4", *flags]))
     cmd = [sys.executable, "-m", "jaxssl", "train", "--config", "demo", "--workdir", str(workdir),
            "--coordinator", f"localhost:{port}", "--num_processes", str(num_processes),
            "--process_id", str(pid), "--distributed_timeout", str(timeout)]
