@@ -1,0 +1,1 @@
+jaxssl train --workdir W --config configs/demo.py:simsiam --config.data.source=cifar10_npz --config.data.path=../shared/data/cifar10/cifar10_jpeg.npz --config.num_epochs=10 --config.log_every_steps=390 --config.eval_every_steps=1950 --config.checkpoint_every_steps=1950
