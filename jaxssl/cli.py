@@ -11,8 +11,10 @@ a step that was not saved, ...) ends with one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import warnings
 
 __all__ = ["main"]
 
@@ -240,7 +242,35 @@ class _BackgroundNoise:
             sys.stderr = self.stream
 
 
+@contextlib.contextmanager
+def _own_warnings():
+    """jaxssl's own warnings (`jaxssl.JaxsslWarning`: skipped image files, ...) as one line in
+    jaxssl's voice on stderr, not Python's "file:line: UserWarning" with a source line; any
+    other warning as Python shows it."""
+    from jaxssl import JaxsslWarning
+
+    show = warnings.showwarning
+
+    def own(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, JaxsslWarning):
+            print(f"jaxssl: warning: {' '.join(str(message).split())}", file=sys.stderr,
+                  flush=True)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = own
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
+    with _own_warnings():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="jaxssl", description=(
         "Self-supervised contrastive pretraining (SimCLR, MoCo v2) in JAX."))
     sub = parser.add_subparsers(dest="command", required=True)

@@ -238,3 +238,23 @@ def test_cifar10_npz_refuses_an_image_of_another_size_before_decoding(tmp_path, 
     with pytest.raises(ValueError, match="test image 1 is 8200 x 8200, not 32 x 32"):
         sources.load_cifar10_npz(tmp_path / "c.npz", split="test")
     assert (8200, 8200) not in loads
+
+
+def test_the_cli_says_a_skipped_file_in_one_line_of_its_own(tmp_path, capsys):
+    """A library caller gets a Python warning (a UserWarning subclass); the command line prints
+    the same message as one line in jaxssl's voice, without Python's file:line and source."""
+    from jaxssl import JaxsslWarning, cli
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image\nat all")
+    with pytest.warns(JaxsslWarning, match="skipped 1 of 2"):
+        sources.load_folder(tmp_path)
+    capsys.readouterr()
+    with cli._own_warnings():
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            sources.load_folder(tmp_path)
+    err = capsys.readouterr().err
+    assert err.startswith("jaxssl: warning: load_folder skipped 1 of 2 image files under ")
+    assert err.count("\n") == 1 and "bad.png (" in err
+    assert "UserWarning" not in err and "warnings.warn" not in err and ".py:" not in err

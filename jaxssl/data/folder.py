@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 from PIL import Image, ImageOps
 
+from jaxssl import JaxsslWarning
+
 if TYPE_CHECKING:
     from jaxssl.data.sources import Source
 
@@ -348,7 +350,7 @@ def load_folder(root: str | os.PathLike, *, labelled: bool | str = "auto", stric
         warnings.warn(f"load_folder skipped {len(skipped)} of {len(rel_paths)} image files under "
                       f"{root} that could not be read: {shown}{', ...' if len(skipped) > 3 else ''}"
                       f"; Source.skipped lists them all, strict=True makes this an error",
-                      stacklevel=2)
+                      JaxsslWarning, stacklevel=2)
 
     labels = None
     if class_names is not None:
