@@ -286,12 +286,15 @@ def _main(argv: list[str] | None) -> int:
                         "recipe, batch, optimizer, seed); recorded in config-<step>.json")
     _distributed_flags(p)
     p.set_defaults(run=_train)
-    e = sub.add_parser("eval", help="evaluate a trained workdir: knn, linear or finetune",
+    e = sub.add_parser("eval",
+                       help="evaluate a trained workdir: knn, linear, finetune or fewshot",
                        epilog=_EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    e.add_argument("kinds", nargs="+", choices=["knn", "linear", "finetune"], metavar="KIND",
+    e.add_argument("kinds", nargs="+", choices=["knn", "linear", "finetune", "fewshot"],
+                   metavar="KIND",
                    help="one or more of knn (the trainer's kNN monitor), linear (a linear "
-                        "classifier on frozen features) and finetune (the whole network on a "
-                        "fraction of the labels)")
+                        "classifier on frozen features), finetune (the whole network on a "
+                        "fraction of the labels) and fewshot (ridge probes on 1-25 images per "
+                        "class)")
     e.add_argument("--workdir", required=True, help="the workdir of a training run")
     e.add_argument("--step", type=int, default=None,
                    help="the checkpoint to evaluate (default: the latest)")

@@ -146,6 +146,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.finetune_lr = 0.05  # at batch 256, scaled linearly; Nesterov SGD, cosine, no decay
     c.eval.finetune_weight_decay = 0.0
     c.eval.finetune_crop_scale = (0.08, 1.0)  # random resized crop + flip, nothing else
+    # `jaxssl eval fewshot`: ridge probes on this many train images per class, each over
+    # fewshot_draws seeded draws; the regulariser chosen on fewshot_val_per_class other train
+    # images per class of the same draw.
+    c.eval.fewshot_shots = (1, 5, 10, 25)
+    c.eval.fewshot_draws = 5
+    c.eval.fewshot_val_per_class = 10
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.keep = 3  # the last few; the best by eval/knn_top1 is kept too
@@ -397,6 +403,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
                   "finetune_batch_size", "finetune_lr"):
         _check(e[field] > 0, f"eval.{field} must be positive; got {e[field]}")
     _choice("eval.linear_optimizer", e.linear_optimizer, ("sgd", "lars"))
+    shots = tuple(e.fewshot_shots)
+    _check(len(shots) > 0 and all(isinstance(k, int) and k > 0 for k in shots),
+           f"eval.fewshot_shots must be positive whole numbers, e.g. (1, 5, 10, 25); got {shots}")
+    _check(e.fewshot_draws >= 1, f"eval.fewshot_draws must be >= 1; got {e.fewshot_draws}")
+    _check(e.fewshot_val_per_class >= 1,
+           f"eval.fewshot_val_per_class must be >= 1; got {e.fewshot_val_per_class}")
     _check(e.linear_augment_copies >= 0, f"eval.linear_augment_copies must be >= 0; got "
                                          f"{e.linear_augment_copies}")
     _check(0 < e.finetune_fraction <= 1, f"eval.finetune_fraction must lie in (0, 1], e.g. 0.01 "

@@ -1,4 +1,5 @@
-"""Evaluations and export of a trained workdir: `jaxssl eval knn|linear|finetune`, `jaxssl export`.
+"""Evaluations and export of a trained workdir: `jaxssl eval knn|linear|finetune|fewshot`,
+`jaxssl export`.
 
 Each reads the run's config (workdir/config.json, with command-line overrides) and a checkpoint
 (the latest, or --step), runs on every device of the mesh, and writes its result to
@@ -11,6 +12,9 @@ workdir/eval/<kind>.json. The encoder is never changed in the workdir.
   split.
 - finetune: the backbone and a new linear classifier trained on a class-balanced fraction of
   the labels (`jaxssl.evaluate.finetune`); top-1/top-5 on the eval split.
+- fewshot: closed-form ridge probes on 1, 5, 10 and 25 images per class (`eval.fewshot_shots`),
+  the regulariser chosen on held-out train images, over several seeded draws
+  (`jaxssl.evaluate.fewshot`); the mean and spread of the top-1 for each number of shots.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import numpy as np
 from jaxssl import experiment, files, models, optim, parallel, state as state_lib
 from jaxssl.configuration import ConfigError
 from jaxssl.data import pipeline
+from jaxssl.evaluate import fewshot as fewshot_lib
 from jaxssl.evaluate import finetune as finetune_lib, linear as linear_lib
 from jaxssl.evaluate.features import FeatureExtractor, eval_images
 from jaxssl.evaluate.knn import knn_scores
@@ -193,7 +198,61 @@ def _finetune(exp, params, batch_stats, say) -> dict[str, Any]:
 
 
 # kind -> fn(experiment, params, batch_stats, say) -> results with "top1", "top5", "settings".
-KINDS: dict[str, Callable] = {"knn": _knn, "linear": _linear, "finetune": _finetune}
+def _host(x) -> np.ndarray:
+    """A global jax.Array as one host numpy array (float64), on every process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x), np.float64)
+
+
+def _fewshot(exp, params, batch_stats, say) -> dict[str, Any]:
+    c, e, train, test = exp.config, exp.config.eval, exp.train_source, exp.eval_source
+    shots = sorted({int(k) for k in e.fewshot_shots})
+    most, held = shots[-1], e.fewshot_val_per_class
+    try:
+        plans = [fewshot_lib.draw(train.labels, most + held, exp.num_classes, c.seed + d)
+                 for d in range(e.fewshot_draws)]
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    # Only the drawn train images are encoded (a few per class), and the whole eval split.
+    rows = np.unique(np.concatenate([p.ravel() for p in plans]))
+    extract = _extractor(exp)
+    t0 = time.perf_counter()
+    train_features = _host(extract(params, batch_stats, train, rows))
+    test_features = _host(extract(params, batch_stats, test, np.arange(test.num_examples)))
+    say(f"features of {len(rows)} train and {test.num_examples} eval images in "
+        f"{time.perf_counter() - t0:.0f} s; ridge probes of {', '.join(map(str, shots))} shots, "
+        f"{e.fewshot_draws} draws each")
+
+    def features(idx):
+        return train_features[np.searchsorted(rows, idx)]
+
+    per_shot = {}
+    for k in shots:
+        runs = []
+        for plan in plans:
+            fit, val = plan[:, :k].ravel(), plan[:, most:].ravel()
+            runs.append(fewshot_lib.probe(features(fit), train.labels[fit], features(val),
+                                          train.labels[val], test_features, test.labels,
+                                          exp.num_classes))
+        top1 = [r["top1"] for r in runs]
+        per_shot[str(k)] = {"top1_mean": float(np.mean(top1)), "top1_std": float(np.std(top1)),
+                            "top5_mean": float(np.mean([r["top5"] for r in runs])),
+                            "top1": top1, "lambda": [r["lambda"] for r in runs],
+                            "val_top1": [r["val_top1"] for r in runs]}
+        say(f"{k}-shot: top-1 {np.mean(top1):.4f} +- {np.std(top1):.4f} over "
+            f"{len(runs)} draws")
+    last = per_shot[str(most)]
+    return {"top1": last["top1_mean"], "top5": last["top5_mean"], "shots": per_shot,
+            "settings": {"shots": shots, "draws": e.fewshot_draws, "val_per_class": held,
+                         "lambdas": list(fewshot_lib.LAMBDAS),
+                         "eval_examples": test.num_examples}}
+
+
+KINDS: dict[str, Callable] = {"knn": _knn, "linear": _linear, "finetune": _finetune,
+                              "fewshot": _fewshot}
 
 
 def _write_json(path: str, record: dict) -> None:
