@@ -197,16 +197,6 @@ def _finetune(exp, params, batch_stats, say) -> dict[str, Any]:
                          "crop_scale": list(e.finetune_crop_scale)}}
 
 
-# kind -> fn(experiment, params, batch_stats, say) -> results with "top1", "top5", "settings".
-def _host(x) -> np.ndarray:
-    """A global jax.Array as one host numpy array (float64), on every process."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x), np.float64)
-
-
 def _fewshot(exp, params, batch_stats, say) -> dict[str, Any]:
     c, e, train, test = exp.config, exp.config.eval, exp.train_source, exp.eval_source
     shots = sorted({int(k) for k in e.fewshot_shots})
@@ -220,8 +210,9 @@ def _fewshot(exp, params, batch_stats, say) -> dict[str, Any]:
     rows = np.unique(np.concatenate([p.ravel() for p in plans]))
     extract = _extractor(exp)
     t0 = time.perf_counter()
-    train_features = _host(extract(params, batch_stats, train, rows))
-    test_features = _host(extract(params, batch_stats, test, np.arange(test.num_examples)))
+    train_features = parallel.to_host(extract(params, batch_stats, train, rows))
+    test_features = parallel.to_host(extract(params, batch_stats, test,
+                                             np.arange(test.num_examples)))
     say(f"features of {len(rows)} train and {test.num_examples} eval images in "
         f"{time.perf_counter() - t0:.0f} s; ridge probes of {', '.join(map(str, shots))} shots, "
         f"{e.fewshot_draws} draws each")
@@ -251,6 +242,7 @@ def _fewshot(exp, params, batch_stats, say) -> dict[str, Any]:
                          "eval_examples": test.num_examples}}
 
 
+# kind -> fn(experiment, params, batch_stats, say) -> results with "top1", "top5", "settings".
 KINDS: dict[str, Callable] = {"knn": _knn, "linear": _linear, "finetune": _finetune,
                               "fewshot": _fewshot}
 

@@ -1,5 +1,5 @@
-"""`jaxssl eval knn|linear|finetune` and `jaxssl export` on a tiny trained workdir (8 fake CPU
-devices), the label-fraction subset, and the fine-tuning step (8 devices equal one)."""
+"""`jaxssl eval knn|linear|finetune|fewshot` and `jaxssl export` on a tiny trained workdir (8
+fake CPU devices), the label-fraction subset, and the fine-tuning step (8 devices equal one)."""
 
 import functools
 import json
@@ -12,7 +12,7 @@ import pytest
 
 from jaxssl import cli, models, parallel, state
 from jaxssl import export as export_lib
-from jaxssl.evaluate import finetune, topk
+from jaxssl.evaluate import fewshot, finetune, topk
 from test_train import tiny_config
 from tiny import IMAGE, assert_trees_close, copy
 
@@ -100,6 +100,32 @@ def test_eval_finetune_on_two_percent_of_the_labels(workdir):
     assert 0.0 <= record["top1"] <= record["top5"] <= 1.0
     assert record["settings"]["labelled_examples"] == 100  # 10 of each of the 10 classes
     assert len(record["train_history"]) == 2
+
+
+def test_eval_fewshot_on_a_trained_workdir(workdir, capsys):
+    args = ["eval", "fewshot", "--workdir", workdir, "--config.eval.fewshot_shots=(1, 5)",
+            "--config.eval.fewshot_draws=3"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "1-shot: top-1" in out and "5-shot: top-1" in out and "over 3 draws" in out
+    with open(os.path.join(workdir, "eval", "fewshot.json")) as f:
+        record = json.load(f)
+    five = record["shots"]["5"]
+    assert record["top1"] == five["top1_mean"] == pytest.approx(np.mean(five["top1"]))
+    assert five["top1_std"] == pytest.approx(np.std(five["top1"]))
+    assert len(five["top1"]) == 3 and all(0 <= a <= 1 for a in five["top1"])
+    assert all(lam in fewshot.LAMBDAS for lam in five["lambda"])
+    assert record["settings"]["shots"] == [1, 5] and record["settings"]["val_per_class"] == 10
+    # Seeded: the same command, the same figures.
+    assert cli.main(args) == 0
+    with open(os.path.join(workdir, "eval", "fewshot.json")) as f:
+        assert json.load(f)["shots"] == record["shots"]
+    # More shots than the smallest class holds: one line, what to change.
+    assert cli.main(["eval", "fewshot", "--workdir", workdir,
+                     "--config.eval.fewshot_shots=(1000,)"]) == 2
+    err = capsys.readouterr().err
+    assert "train examples; the few-shot probe draws 1010 of each class" in err
+    assert err.count("\n") == 1
 
 
 def test_export_both_formats_hold_the_trained_backbone(trained, tmp_path, capsys):

@@ -1,15 +1,10 @@
-"""Few-shot ridge probes (`jaxssl.evaluate.fewshot`) against a float64 numpy reference, and
-`jaxssl eval fewshot` on the tiny trained workdir of test_evaluation."""
-
-import json
-import os
+"""Few-shot ridge probes (`jaxssl.evaluate.fewshot`) against a float64 numpy reference
+(`jaxssl eval fewshot` on a trained workdir is in test_evaluation, with the other kinds)."""
 
 import numpy as np
 import pytest
 
-from jaxssl import cli
 from jaxssl.evaluate import fewshot
-from test_evaluation import trained, workdir  # noqa: F401  (the module's trained workdir)
 
 
 def _reference(x, labels, z, num_classes, lam):
@@ -68,29 +63,3 @@ def test_draws_are_per_class_disjoint_and_seeded():
     with pytest.raises(ValueError, match="class 0 has 6 train examples; the few-shot probe "
                                          "draws 7 of each class"):
         fewshot.draw(labels, 7, 4, seed=1)
-
-
-def test_eval_fewshot_on_a_trained_workdir(workdir, capsys):  # noqa: F811
-    args = ["eval", "fewshot", "--workdir", workdir, "--config.eval.fewshot_shots=(1, 5)",
-            "--config.eval.fewshot_draws=3"]
-    assert cli.main(args) == 0
-    out = capsys.readouterr().out
-    assert "1-shot: top-1" in out and "5-shot: top-1" in out and "over 3 draws" in out
-    with open(os.path.join(workdir, "eval", "fewshot.json")) as f:
-        record = json.load(f)
-    five = record["shots"]["5"]
-    assert record["top1"] == five["top1_mean"] == pytest.approx(np.mean(five["top1"]))
-    assert five["top1_std"] == pytest.approx(np.std(five["top1"]))
-    assert len(five["top1"]) == 3 and all(0 <= a <= 1 for a in five["top1"])
-    assert all(lam in fewshot.LAMBDAS for lam in five["lambda"])
-    assert record["settings"]["shots"] == [1, 5] and record["settings"]["val_per_class"] == 10
-    # Seeded: the same command, the same figures.
-    assert cli.main(args) == 0
-    with open(os.path.join(workdir, "eval", "fewshot.json")) as f:
-        assert json.load(f)["shots"] == record["shots"]
-    # More shots than the smallest class holds: one line, what to change.
-    assert cli.main(["eval", "fewshot", "--workdir", workdir,
-                     "--config.eval.fewshot_shots=(1000,)"]) == 2
-    err = capsys.readouterr().err
-    assert "train examples; the few-shot probe draws 1010 of each class" in err
-    assert err.count("\n") == 1

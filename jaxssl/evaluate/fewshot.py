@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxssl.evaluate.topk import topk_correct
+
 __all__ = ["LAMBDAS", "draw", "ridge", "probe"]
 
 # The regularisers tried, on features of unit norm (centred): 2^-10 ... 2^10.
@@ -80,7 +82,6 @@ def probe(train_x, train_labels, val_x, val_labels, test_x, test_labels, num_cla
     val = [float(np.mean(predict(val_x, i).argmax(1) == val_labels)) for i in range(len(lambdas))]
     best = max(range(len(lambdas)), key=lambda i: (val[i], lambdas[i]))
     scores = predict(test_x, best)
-    top5 = np.argsort(-scores, axis=1, kind="stable")[:, :5]
     return {"top1": float(np.mean(scores.argmax(1) == test_labels)),
-            "top5": float(np.mean((top5 == np.asarray(test_labels)[:, None]).any(1))),
+            "top5": float(np.mean(topk_correct(scores, test_labels, 5))),
             "lambda": float(lambdas[best]), "val_top1": val[best]}
