@@ -113,13 +113,17 @@ def _statistics(features, *, n):
     return mean, jnp.where(std > 0, std, 1.0), jnp.all(jnp.isfinite(features))
 
 
-def _epoch(params, opt_state, root_key, epoch, features, labels, mean, std, *, tx, n, batch,
-           steps, axis_name):
-    """One epoch: `steps` optimizer steps over a fresh permutation of the n real rows.
+def _epoch(params, opt_state, lrs, root_key, epoch, features, labels, mean, std, *, make_tx, n,
+           batch, steps, axis_name, static_lr=None):
+    """One epoch: `steps` optimizer steps over a fresh permutation of the n real rows, for K
+    classifiers at once (one per learning rate, each its own optimizer; the batches are the
+    same for all).
 
     features: [n_local, F] float32, this device's rows of the zero-padded train features;
-    labels: int32 [n_local]; params {"kernel": [F, C], "bias": [C]} and opt_state replicated.
-    Returns (params, opt_state, [2] float32: summed cross-entropy and top-1 hits of the epoch).
+    labels: int32 [n_local]; params {"kernel": [K, F, C], "bias": [K, C]}, opt_state (K
+    leading) and lrs [K] replicated; make_tx(lr) -> the optimizer at peak learning rate lr.
+    static_lr: K is 1 and this is its learning rate, a Python float (no vmap, a constant).
+    Returns (params, opt_state, [K, 2] float32: summed cross-entropy and top-1 hits of the epoch).
     """
     n_local = features.shape[0]
     n_dev = 1 if axis_name is None else jax.lax.axis_size(axis_name)
@@ -151,25 +155,34 @@ def _epoch(params, opt_state, root_key, epoch, features, labels, mean, std, *, t
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
             return jnp.sum(w * ce) / count, (ce, logits)
 
-        # Under shard_map, the gradient of the replicated params is summed over the devices by
-        # the transpose of their implicit broadcast: it is the whole batch's gradient already.
-        (_, (ce, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        sums = jnp.stack([jnp.sum(w * ce), jnp.sum(w * (label_rank(logits, y) < 1))])
-        return (optax.apply_updates(params, updates), opt_state), sums
+        def update(p, o, lr):  # one classifier
+            # Under shard_map, the gradient of the replicated params is summed over the devices
+            # by the transpose of their implicit broadcast: it is the whole batch's gradient.
+            (_, (ce, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(p)
+            updates, o = make_tx(lr).update(grads, o, p)
+            sums = jnp.stack([jnp.sum(w * ce), jnp.sum(w * (label_rank(logits, y) < 1))])
+            return optax.apply_updates(p, updates), o, sums
+
+        if static_lr is not None:  # one classifier: its program as it was before sweeps
+            one = jax.tree.map(lambda a: a[0], (params, opt_state))
+            params, opt_state, sums = jax.tree.map(lambda a: a[None],
+                                                   update(*one, static_lr))
+        else:  # vmap's batched products round differently from one classifier's (~1e-7)
+            params, opt_state, sums = jax.vmap(update)(params, opt_state, lrs)
+        return (params, opt_state), sums
 
     (params, opt_state), sums = jax.lax.scan(step, (params, opt_state), idx)
-    sums = jnp.sum(sums, axis=0)
+    sums = jnp.sum(sums, axis=0)  # [K, 2]
     return params, opt_state, sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
 
 def train_linear_classifier(
-    features, labels, *, num_classes: int, epochs: int, batch_size: int, learning_rate: float,
-    optimizer: str = "sgd", momentum: float = 0.9, nesterov: bool = True,
-    standardize: bool = True, seed: int = 0, mesh: Mesh | None = None,
-    callback: Callable[[int, dict[str, float]], None] | None = None,
+    features, labels, *, num_classes: int, epochs: int, batch_size: int,
+    learning_rate: float | Sequence[float], optimizer: str = "sgd", momentum: float = 0.9,
+    nesterov: bool = True, standardize: bool = True, seed: int = 0, mesh: Mesh | None = None,
+    callback: Callable[[int, dict], None] | None = None,
     num_rows: int | None = None,
-) -> LinearClassifier:
+) -> LinearClassifier | list[LinearClassifier]:
     """A linear classifier trained on frozen features, on the devices of `mesh`.
 
     features: [N, F] float (numpy, or a jax.Array, e.g. split over DATA_AXIS); labels: int [N]
@@ -178,23 +191,28 @@ def train_linear_classifier(
     equals the single-device one (mesh=None) up to float rounding.
 
     learning_rate: the peak of a cosine decay to 0 over all steps, no warmup, not scaled by the
-    batch (the caller decides). optimizer: "sgd" (momentum, Nesterov when nesterov) or "lars"
+    batch (the caller decides). A sequence of K learning rates (a sweep) trains K classifiers in
+    one program (vmapped over the learning rate: the batches, the features and the passes over
+    them are shared) and returns a list of K classifiers; classifier k is the one
+    learning_rate[k] alone gives. optimizer: "sgd" (momentum, Nesterov when nesterov) or "lars"
     (SimCLR's: the classifier excluded from layer adaptation, which leaves momentum SGD, never
-    Nesterov); no weight decay. The classifier starts at zero.
+    Nesterov); no weight decay. Every classifier starts at zero.
     batch_size: clamped to N. Each epoch visits every row once, in the order of
     jax.random.permutation(fold_in(key(seed), epoch), N), in ceil(N / batch) steps; the last
     partial batch is kept, its loss the mean over its real rows.
     standardize: see the module docstring. callback(epoch, {"loss", "top1"}): called after every
     epoch with the mean cross-entropy and top-1 of the epoch's batches, each measured before its
-    step's update (this pulls two floats to the host per epoch).
+    step's update (floats; lists of K floats for a sweep; this pulls them to the host per epoch).
     num_rows: only the first num_rows rows of features are real (labels has num_rows entries)
     and the rest are zeros, e.g. the padded, device-split output of
     `FeatureExtractor(..., padded=True)`, which is then used without a copy. Default: all rows.
     """
+    sweep = isinstance(learning_rate, (tuple, list, np.ndarray))
+    lrs = [float(v) for v in (learning_rate if sweep else [learning_rate])]
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {list(OPTIMIZERS)}")
-    if epochs < 1 or batch_size < 1 or not learning_rate >= 0:
-        raise ValueError(f"need epochs >= 1, batch_size >= 1 and learning_rate >= 0; got "
+    if epochs < 1 or batch_size < 1 or not lrs or not all(lr >= 0 for lr in lrs):
+        raise ValueError(f"need epochs >= 1, batch_size >= 1 and every learning_rate >= 0; got "
                          f"epochs={epochs}, batch_size={batch_size}, learning_rate={learning_rate}")
     if num_rows is not None:
         if not 0 < num_rows <= features.shape[0]:
@@ -221,34 +239,46 @@ def train_linear_classifier(
     if not standardize:
         mean, std = put_global((np.zeros(dim, np.float32), np.ones(dim, np.float32)), replicated)
 
-    schedule = warmup_cosine_schedule(learning_rate, 0, epochs * steps)
-    if optimizer == "lars":
-        # As SimCLR's linear evaluation: LARS with the classifier excluded from layer adaptation
-        # (and from weight decay). A trust ratio on a zero-initialised head would scale every
-        # update by 1e-3 x its tiny norm and all but freeze it; without one, LARS is momentum
-        # SGD (never Nesterov).
-        tx = optax.lars(schedule, weight_decay=0.0, momentum=momentum, nesterov=False,
-                        trust_ratio_mask=lambda p: jax.tree.map(lambda _: False, p))
-    else:
-        tx = make_optimizer("sgd", schedule, weight_decay=0.0, momentum=momentum,
-                            nesterov=nesterov)
+    decay = optax.cosine_decay_schedule(1.0, epochs * steps)
+
+    def make_tx(lr):
+        # warmup_cosine_schedule(lr, 0, total) is lr x decay(count), the same values; optax's
+        # schedules refuse a traced peak, and vmap over the learning rates traces it.
+        schedule = (warmup_cosine_schedule(lr, 0, epochs * steps) if isinstance(lr, float)
+                    else lambda count: lr * decay(count))
+        if optimizer == "lars":
+            # As SimCLR's linear evaluation: LARS with the classifier excluded from layer
+            # adaptation (and from weight decay). A trust ratio on a zero-initialised head would
+            # scale every update by 1e-3 x its tiny norm and all but freeze it; without one, LARS
+            # is momentum SGD (never Nesterov).
+            return optax.lars(schedule, weight_decay=0.0, momentum=momentum, nesterov=False,
+                              trust_ratio_mask=lambda p: jax.tree.map(lambda _: False, p))
+        return make_optimizer("sgd", schedule, weight_decay=0.0, momentum=momentum,
+                              nesterov=nesterov)
+
+    k = len(lrs)
     # Made by a program without inputs: its outputs may live on devices of other processes.
-    params, root_key = jax.jit(lambda: (
-        {"kernel": jnp.zeros((dim, num_classes), jnp.float32),
-         "bias": jnp.zeros((num_classes,), jnp.float32)}, jax.random.key(seed)),
-        out_shardings=replicated)()
-    opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
+    params, root_key, lr_array = jax.jit(lambda: (
+        {"kernel": jnp.zeros((k, dim, num_classes), jnp.float32),
+         "bias": jnp.zeros((k, num_classes), jnp.float32)}, jax.random.key(seed),
+        jnp.asarray(lrs, jnp.float32)), out_shardings=replicated)()
+    opt_state = jax.jit(jax.vmap(lambda p, lr: make_tx(lr).init(p)),
+                        out_shardings=replicated)(params, lr_array)
     epoch_fn = _sharded(
-        functools.partial(_epoch, tx=tx, n=n, batch=batch, steps=steps), mesh,
-        in_specs=(P(), P(), P(), P(), P(DATA_AXIS), P(DATA_AXIS), P(), P()),
+        functools.partial(_epoch, make_tx=make_tx, n=n, batch=batch, steps=steps,
+                          static_lr=None if sweep else lrs[0]), mesh,
+        in_specs=(P(), P(), P(), P(), P(), P(DATA_AXIS), P(DATA_AXIS), P(), P()),
         out_specs=(P(), P(), P()))
     for epoch in range(epochs):
-        params, opt_state, sums = epoch_fn(params, opt_state, root_key, jnp.int32(epoch), x, y,
-                                           mean, std)
+        params, opt_state, sums = epoch_fn(params, opt_state, lr_array, root_key,
+                                           jnp.int32(epoch), x, y, mean, std)
         if callback is not None:
-            loss, hits = np.asarray(sums, np.float64) / n
-            callback(epoch, {"loss": float(loss), "top1": float(hits)})
-    return LinearClassifier(weights=params["kernel"], bias=params["bias"], mean=mean, std=std)
+            loss, hits = (np.asarray(sums, np.float64) / n).T
+            callback(epoch, {"loss": [float(v) for v in loss], "top1": [float(v) for v in hits]}
+                     if sweep else {"loss": float(loss[0]), "top1": float(hits[0])})
+    classifiers = [LinearClassifier(weights=params["kernel"][i], bias=params["bias"][i],
+                                    mean=mean, std=std) for i in range(k)]
+    return classifiers if sweep else classifiers[0]
 
 
 def _eval_sums(classifier, features, labels, *, n, chunk, ks, axis_name):
