@@ -30,8 +30,12 @@ _EVAL_EPILOG = """\
 the config is the run's own (WORKDIR/config.json); override any field as --config.FIELD=VALUE,
   e.g. --config.eval.linear_epochs=90 --config.eval.linear_augment_copies=10
   --config.eval.finetune_fraction=0.01 --config.eval.batch_size=256
-results: printed, and written to WORKDIR/eval/KIND.json (and KIND_stepN.json); several kinds
-  (jaxssl eval knn linear --workdir ...) run one after the other in one start-up.
+  --config.eval.linear_lr=0.01,0.03,0.1,0.3,1 (a sweep: one program, the best on held-out
+  train images reported)
+results: printed, and written to WORKDIR/eval/KIND.json (and KIND_stepN.json); embed writes
+  WORKDIR/eval/embed_map.png and embed_retrieval.png. Several kinds (jaxssl eval knn linear
+  --workdir ...) run one after the other in one start-up. The features of a checkpoint are
+  kept in WORKDIR/eval/features-STEP/ and reused (--config.eval.feature_cache=false: not).
 """
 
 
@@ -287,14 +291,15 @@ def _main(argv: list[str] | None) -> int:
     _distributed_flags(p)
     p.set_defaults(run=_train)
     e = sub.add_parser("eval",
-                       help="evaluate a trained workdir: knn, linear, finetune or fewshot",
+                       help="evaluate a trained workdir: knn, linear, finetune, fewshot or embed",
                        epilog=_EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    e.add_argument("kinds", nargs="+", choices=["knn", "linear", "finetune", "fewshot"],
+    e.add_argument("kinds", nargs="+", choices=["knn", "linear", "finetune", "fewshot", "embed"],
                    metavar="KIND",
                    help="one or more of knn (the trainer's kNN monitor), linear (a linear "
-                        "classifier on frozen features), finetune (the whole network on a "
-                        "fraction of the labels) and fewshot (ridge probes on 1-25 images per "
-                        "class)")
+                        "classifier on frozen features; eval.linear_lr may be a list, chosen on "
+                        "held-out train images), finetune (the whole network on a fraction of "
+                        "the labels), fewshot (ridge probes on 1-25 images per class) and embed "
+                        "(a 2-D map of the features and a retrieval grid, PNGs in WORKDIR/eval)")
     e.add_argument("--workdir", required=True, help="the workdir of a training run")
     e.add_argument("--step", type=int, default=None,
                    help="the checkpoint to evaluate (default: the latest)")

@@ -125,6 +125,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.bank_examples = 0  # train examples in the kNN bank (0 = all)
     c.eval.query_examples = 0  # eval-split examples queried (0 = all)
     c.eval.batch_size = 512  # images per forward pass when computing features
+    # `jaxssl eval` keeps the eval-mode features of a checkpoint in WORKDIR/eval/features-<step>/
+    # and reuses them in later evaluations of that checkpoint (knn, linear, fewshot, embed).
+    c.eval.feature_cache = True
     # The online probe: a linear classifier trained during pretraining on stop-gradient
     # features (metric train/online_top1), where the train split has labels.
     c.eval.online_probe = True
@@ -132,7 +135,11 @@ def default_config() -> ml_collections.ConfigDict:
     # `jaxssl eval linear`: a linear classifier on frozen eval-mode features of the train split.
     c.eval.linear_epochs = 100
     c.eval.linear_batch_size = 256
-    c.eval.linear_lr = 0.1  # at batch 256; scaled linearly with linear_batch_size
+    # At batch 256; scaled linearly with linear_batch_size. A list (--config.eval.linear_lr=
+    # 0.01,0.1,1) trains one classifier per learning rate at once, scores each on
+    # linear_val_fraction of the train split held out, and reports the best one on the eval split.
+    c.eval.linear_lr = config_dict.FieldReference(0.1, field_type=object)
+    c.eval.linear_val_fraction = 0.1
     c.eval.linear_optimizer = "sgd"  # "sgd" (Nesterov momentum 0.9) or "lars"; no weight decay
     c.eval.linear_standardize = True  # features standardised with the train split's statistics
     # 0: train features of centre crops. K > 0: of K random-resized-crop + flip views of every
@@ -152,6 +159,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.fewshot_shots = (1, 5, 10, 25)
     c.eval.fewshot_draws = 5
     c.eval.fewshot_val_per_class = 10
+    # `jaxssl eval embed`: a 2-D map of embed_points eval images (UMAP where umap-learn is
+    # installed, else PCA; embed_method forces one) and a grid of embed_queries eval images,
+    # each with its embed_neighbours nearest train images by cosine similarity.
+    c.eval.embed_points = 5000
+    c.eval.embed_method = "auto"  # "auto", "umap" or "pca"
+    c.eval.embed_queries = 8
+    c.eval.embed_neighbours = 8
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.keep = 3  # the last few; the best by eval/knn_top1 is kept too
@@ -347,6 +361,20 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[tuple
             raise ConfigError(f"config field {name} cannot take {raw!r}: {_one_line(e)}") from e
 
 
+def linear_learning_rates(value) -> tuple[float, ...] | None:
+    """eval.linear_lr as a tuple of learning rates when it is a list (a sweep), None when it is
+    one number; ConfigError when it is neither, or holds one that is not positive."""
+    many = isinstance(value, (tuple, list))
+    lrs = tuple(value) if many else (value,)
+    ok = len(lrs) > 0 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                              for v in lrs)
+    _check(ok, f"eval.linear_lr must be a positive number or a list of them, e.g. 0.1 or "
+               f"0.01,0.1,1; got {value!r}")
+    if many and len(set(lrs)) != len(lrs):
+        raise ConfigError(f"eval.linear_lr lists a learning rate twice: {value!r}")
+    return tuple(float(v) for v in lrs) if many else None
+
+
 def _choice(field: str, value: str, choices: Iterable[str]) -> None:
     choices = list(choices)
     if value not in choices:
@@ -399,9 +427,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(config.eval.batch_size > 0, "eval.batch_size must be positive")
     e = config.eval
     _check(e.online_probe_lr > 0, f"eval.online_probe_lr must be positive; got {e.online_probe_lr}")
-    for field in ("linear_epochs", "linear_batch_size", "linear_lr", "finetune_epochs",
-                  "finetune_batch_size", "finetune_lr"):
+    for field in ("linear_epochs", "linear_batch_size", "finetune_epochs",
+                  "finetune_batch_size", "finetune_lr", "embed_points", "embed_queries",
+                  "embed_neighbours"):
         _check(e[field] > 0, f"eval.{field} must be positive; got {e[field]}")
+    linear_learning_rates(e.linear_lr)  # a ConfigError when it is neither a number nor a list
+    _check(0 < e.linear_val_fraction < 1, f"eval.linear_val_fraction must lie in (0, 1), e.g. "
+                                          f"0.1; got {e.linear_val_fraction}")
+    _choice("eval.embed_method", e.embed_method, ("auto", "umap", "pca"))
     _choice("eval.linear_optimizer", e.linear_optimizer, ("sgd", "lars"))
     shots = tuple(e.fewshot_shots)
     _check(len(shots) > 0 and all(isinstance(k, int) and k > 0 for k in shots),

@@ -128,6 +128,119 @@ def test_eval_fewshot_on_a_trained_workdir(workdir, capsys):
     assert err.count("\n") == 1
 
 
+class _CountRows:
+    """Wraps FeatureExtractor.__call__ to count the images it encodes."""
+
+    def __init__(self, monkeypatch):
+        from jaxssl.evaluate.features import FeatureExtractor
+
+        self.rows, original = 0, FeatureExtractor.__call__
+
+        def counted(extractor, params, batch_stats, source, indices, **kw):
+            self.rows += len(indices)
+            return original(extractor, params, batch_stats, source, indices, **kw)
+
+        monkeypatch.setattr(FeatureExtractor, "__call__", counted)
+
+
+def test_features_are_cached_per_checkpoint_and_reused(workdir, monkeypatch, capsys):
+    first = _eval(workdir, "knn", "--step", "9")  # computes the bank and the queries
+    knn_rows = first["settings"]["bank_examples"] + first["settings"]["query_examples"]
+    folder = os.path.join(workdir, "eval", "features-9")
+
+    def cached():
+        manifest = json.load(open(os.path.join(folder, "manifest.json")))
+        return sum(e["count"] for e in manifest["splits"].values())
+
+    assert cached() == knn_rows
+    count = _CountRows(monkeypatch)
+    again = _eval(workdir, "knn", "--step", "9")
+    assert count.rows == 0 and again == {**first, **_timing(again)}
+    # Few-shot encodes only the rows the kNN evaluation did not, and then none.
+    fewshot_args = ("fewshot", "--step", "9", "--config.eval.fewshot_draws=1")
+    fewshot_record = _eval(workdir, *fewshot_args)
+    assert 0 < count.rows == cached() - knn_rows
+    count.rows = 0
+    assert _eval(workdir, *fewshot_args)["shots"] == fewshot_record["shots"]
+    assert count.rows == 0
+    # Without the cache: encoded again, the same figures.
+    uncached = _eval(workdir, *fewshot_args, "--config.eval.feature_cache=false")
+    assert uncached["shots"] == fewshot_record["shots"] and count.rows > 0
+    count.rows = 0
+    off = _eval(workdir, "knn", "--step", "9", "--config.eval.feature_cache=false")
+    assert count.rows == knn_rows and off["top1"] == first["top1"]
+    # Other data: recomputed, and the cache replaced (the eval split is now the train split).
+    capsys.readouterr()
+    count.rows = 0
+    _eval(workdir, "knn", "--step", "9", "--config.data.eval_split=train")
+    assert "recomputing" in capsys.readouterr().out and count.rows == knn_rows
+    # Another checkpoint at the same step (a workdir trained again): its cache is not read.
+    import shutil
+
+    shutil.rmtree(os.path.join(workdir, "eval", "features-6"), ignore_errors=True)
+    shutil.copytree(folder, os.path.join(workdir, "eval", "features-6"))
+    count.rows = 0
+    _eval(workdir, "knn", "--step", "6")
+    assert "another checkpoint" in capsys.readouterr().out and count.rows == knn_rows
+
+
+def _timing(record):
+    return {k: record[k] for k in ("seconds", "date")}
+
+
+def test_eval_embed_writes_a_map_and_a_retrieval_grid(trained, monkeypatch):
+    import sys
+
+    from PIL import Image
+
+    from jaxssl import experiment
+    from jaxssl.data import sources
+    from jaxssl.evaluate import embed
+    from jaxssl.evaluate.features import FeatureExtractor
+
+    workdir, state = trained
+    monkeypatch.setitem(sys.modules, "umap", None)  # umap-learn absent: PCA
+    record = _eval(workdir, "embed", "--config.eval.embed_points=300",
+                   "--config.eval.embed_queries=4", "--config.eval.embed_neighbours=5")
+    assert record["method"] == "pca" and record["settings"]["points"] == 300
+    assert Image.open(record["map"]).size == embed.MAP_SIZE
+    assert Image.open(record["retrieval"]).size == embed.retrieval_size(4, 5)
+    # The neighbours are the brute-force cosine search on features computed here, in float64.
+    model, _ = experiment.build_model(tiny_config())
+    train_src, test_src = sources.load_builtin("train"), sources.load_builtin("test")
+    extract = FeatureExtractor(models.flax_apply_fn(model), parallel.make_mesh(),
+                               mean=train_src.mean, std=train_src.std, size=16, batch_size=1000)
+    bank = np.asarray(extract(state.params, state.batch_stats, train_src, np.arange(5000)),
+                      np.float64)
+    rows = [q["eval_row"] for q in record["queries"]]
+    queries = np.asarray(extract(state.params, state.batch_stats, test_src, np.array(rows)),
+                         np.float64)
+    sims = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ (
+        bank / np.linalg.norm(bank, axis=1, keepdims=True)).T
+    for q, s in zip(record["queries"], sims):
+        assert q["neighbours"] == list(np.argsort(-s, kind="stable")[:5])
+        np.testing.assert_allclose(q["similarities"], s[q["neighbours"]], atol=1e-5)
+        assert q["labels"] == [int(train_src.labels[i]) for i in q["neighbours"]]
+        assert q["label"] == int(test_src.labels[q["eval_row"]])
+    assert record["top1"] == np.mean([q["labels"][0] == q["label"] for q in record["queries"]])
+
+
+def test_eval_linear_sweeps_learning_rates_on_held_out_train_images(workdir, capsys):
+    record = _eval(workdir, "linear", "--config.eval.linear_lr=0.01,0.1,1",
+                   "--config.eval.linear_epochs=2")
+    sweep = record["sweep"]
+    assert [t["base_lr"] for t in sweep] == [0.01, 0.1, 1.0]
+    best = max(sweep, key=lambda t: (t["val_top1"], -t["val_loss"]))
+    assert record["settings"]["learning_rate"] == best["learning_rate"]
+    assert record["val_top1"] == best["val_top1"]
+    assert record["settings"]["held_out_examples"] == 500
+    assert record["settings"]["train_examples"] == 4500
+    assert len(record["train_history"][-1]["loss"]) == 3
+    assert "<- chosen" in capsys.readouterr().out
+    _one_line_error(capsys, ["eval", "linear", "--workdir", workdir,
+                             "--config.eval.linear_lr=0.1,-1"], "eval.linear_lr must be")
+
+
 def test_export_both_formats_hold_the_trained_backbone(trained, tmp_path, capsys):
     workdir, state = trained  # the trainer's own final state, not read back from the checkpoint
     params, stats = state.params["backbone"], state.batch_stats["backbone"]
