@@ -1,6 +1,7 @@
 """The command line, also `python -m jaxssl ...`:
 
     jaxssl train --config configs/demo.py --workdir runs/demo [--config.field=value ...]
+    jaxssl train --config configs/simclr_imagenet.py --dry-run [--dry_run_devices 64]
     jaxssl eval knn|linear|finetune [...] --workdir runs/demo [--step N] [--config.field=value ...]
     jaxssl export --workdir runs/demo --format safetensors|msgpack --output FILE [--step N]
 
@@ -63,6 +64,12 @@ def _train(args, overrides) -> int:
     configuration.apply_overrides(config, overrides)
     workdir = args.workdir or os.path.join(
         "runs", os.path.splitext(os.path.basename(args.config.partition(":")[0]))[0])
+    if args.dry_run:  # builds and compiles what a run would, reports, writes nothing
+        from jaxssl import dryrun
+
+        if args.dry_run_devices is None:
+            _start_distributed(args)
+        return dryrun.dry_run(config, devices=args.dry_run_devices)
     _start_distributed(args)
     from jaxssl import train  # imports jax: after the config is known to be good
 
@@ -288,6 +295,14 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--allow_config_change", action="store_true",
                    help="resume although the config changes what is trained (the model, data, "
                         "recipe, batch, optimizer, seed); recorded in config-<step>.json")
+    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                   help="build the data index, model, optimizer and the compiled step, print "
+                        "parameters, schedule, memory per device (and whether it fits) and "
+                        "FLOPs, and exit without training or touching the workdir; exit 1 when "
+                        "the step does not fit the device memory")
+    p.add_argument("--dry_run_devices", type=int, default=None, metavar="N",
+                   help="with --dry-run: compile for N CPU devices standing in for a larger "
+                        "machine's accelerators (e.g. 64 for a 64-chip slice)")
     _distributed_flags(p)
     p.set_defaults(run=_train)
     e = sub.add_parser("eval",
@@ -344,6 +359,8 @@ def _main(argv: list[str] | None) -> int:
             print("jaxssl: prepare stopped; run the same command again to finish it (the shards "
                   "written are kept)", file=sys.stderr)
             return 130
+    if args.command == "train" and args.dry_run_devices is not None and not args.dry_run:
+        p.error("--dry_run_devices goes with --dry-run")
     sub_parser = {"train": p, "eval": e, "export": x}[args.command]
     overrides = _split_overrides(rest, sub_parser)
 

@@ -25,7 +25,7 @@ from jaxssl.configuration import ConfigError, _one_line
 from jaxssl.data import augment_jax, pipeline, recipes, sources
 
 __all__ = ["Experiment", "build", "build_model", "load_data", "subset", "compiled_step",
-           "initial_state", "restore_encoder", "DTYPES"]
+           "batch_fields", "initial_state", "restore_encoder", "DTYPES"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -167,6 +167,13 @@ def compiled_step(exp: Experiment) -> Callable:
     metrics). The batch is the pipeline's dict ("images" or "views", and "labels")."""
     step_fn = methods.get(exp.config.method).bind(exp)
     return parallel.compile_step(step_fn, exp.mesh)
+
+
+def batch_fields(exp: Experiment) -> tuple[str, ...]:
+    """The fields of the pipeline's batches that the step is given: "images" (device
+    augmentation) or "views", and "labels" when the online probe is on."""
+    return ("images" if exp.config.data.augment == "device" else "views",) + (
+        ("labels",) if exp.probe_tx is not None else ())
 
 
 def initial_state(exp: Experiment) -> state_lib.TrainState:

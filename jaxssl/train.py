@@ -460,8 +460,7 @@ def _train(config, workdir, mesh, n_dev, changed, lock, stop, stop_at_step, stre
             num_steps=end - start, process_index=jax.process_index(),
             process_count=jax.process_count(), prefetch=d.prefetch,
             threads=d.threads or None, image_size=d.image_size or None)
-        fields = ("images" if d.augment == "device" else "views",) + (
-            ("labels",) if exp.probe_tx is not None else ())
+        fields = experiment.batch_fields(exp)
         pending = None  # (step, metrics) of the newest step whose values are not yet checked
         values, rate = None, None
         window_start, window_steps = time.perf_counter(), 0

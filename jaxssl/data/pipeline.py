@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxssl.data.recipes import HOST_OPS, Recipe
 
-__all__ = ["BatchPlan", "epoch_permutation", "make_pipeline", "MODES"]
+__all__ = ["BatchPlan", "batch_spec", "epoch_permutation", "make_pipeline", "MODES"]
 
 MODES = ("host", "split", "device")
 # Steps whose records are read ahead of the one tf.data is decoding.
@@ -353,3 +353,30 @@ def make_pipeline(
         batches = _host_dataset(source, plan, recipe=recipe, out_size=out_size, mode=mode,
                                 start_step=start_step, num_steps=num_steps, threads=threads)
     return _prefetch(batches, prefetch)
+
+
+def batch_spec(source: Any, *, global_batch: int, mode: str, out_size: int,
+               image_size: int | None = None) -> dict:
+    """The shapes and dtypes (`jax.ShapeDtypeStruct`, no sharding) of the global batch that
+    `make_pipeline`'s batches make on the mesh, without reading any data: what a step is
+    compiled for. The same fields as make_pipeline's; [B, ...] with B = global_batch."""
+    import jax
+
+    if mode not in MODES:
+        raise ValueError(f"unknown augmentation mode {mode!r}; choose one of {list(MODES)}")
+    if mode == "device":
+        if source.images is not None:
+            shape = source.images.shape[1:]
+        elif image_size:  # records or a stream: decoded and resized on the host
+            shape = (image_size, image_size, 3)
+        else:
+            raise ValueError(f"augment='device' needs the images in memory, or records and an "
+                             f"image_size; source {source.name!r} is read from files")
+        batch = {"images": jax.ShapeDtypeStruct((global_batch, *shape), np.uint8)}
+    else:
+        view = jax.ShapeDtypeStruct((global_batch, out_size, out_size, 3),
+                                    np.float32 if mode == "host" else np.uint8)
+        batch = {"views": (view, view)}
+    if source.labels is not None:
+        batch["labels"] = jax.ShapeDtypeStruct((global_batch,), np.int32)
+    return batch
