@@ -170,6 +170,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.keep = 3  # the last few; the best by eval/knn_top1 is kept too
     c.checkpoint.async_save = True
+
+    # Where the logged values go besides metrics.jsonl and TensorBoard (process 0 only).
+    c.log = ml_collections.ConfigDict()
+    # A Weights & Biases project: every metrics.jsonl record, the config and the PNGs go to a
+    # wandb run, continued on resume ("" = no wandb; needs `pip install -e '.[wandb]'`).
+    # WANDB_MODE=offline keeps it in WORKDIR/wandb/ for a later `wandb sync`.
+    c.log.wandb_project = ""
+    c.log.wandb_entity = ""  # the team or user ("" = wandb's default for the API key)
+    c.log.wandb_name = ""  # the run's display name ("" = wandb's choice)
     c.lock()  # config files change fields; a misspelt one fails where it is written
     return c
 
@@ -450,6 +459,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     scale = tuple(e.finetune_crop_scale)
     _check(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
            f"eval.finetune_crop_scale must be (low, high) with 0 < low <= high <= 1; got {scale}")
+    _check(bool(config.log.wandb_project) or not (config.log.wandb_entity
+                                                   or config.log.wandb_name),
+           "log.wandb_entity and log.wandb_name need log.wandb_project (the project of the "
+           "wandb run)")
     _check(config.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1; got {config.checkpoint.keep}")
     if config.data.source == "tfds":
         _check(bool(config.data.name), "data.source 'tfds' needs data.name, e.g. "

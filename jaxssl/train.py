@@ -33,7 +33,8 @@ from jaxssl.evaluate.features import EvaluationInterrupted, FeatureExtractor
 from jaxssl.evaluate.knn import knn_top1
 from jaxssl.lock import LOCK_NAME, WorkdirLock
 from jaxssl.preemption import StopRequest
-from jaxssl.writers import MetricsLog, ProgressBar, format_duration, open_tensorboard, plot_curves
+from jaxssl.writers import (MetricsLog, ProgressBar, WandbWriter, format_duration,
+                            open_tensorboard, plot_curves, require_wandb)
 
 __all__ = ["train", "RunResult", "TrainingDiverged"]
 
@@ -190,7 +191,8 @@ def _restore_newest(make_ckpt, state, workdir: str, say):
 # Fields that change how a run is watched, logged or checkpointed, not what it trains: they may
 # differ on resume (the change is recorded). Every other field changes the result.
 _FREE_FIELDS = ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "checkpoint.",
-                "eval.", "data.prefetch", "data.threads", "data.eval_path", "data.eval_split")
+                "eval.", "log.", "data.prefetch", "data.threads", "data.eval_path",
+                "data.eval_split")
 
 
 def _config_changes(config, workdir: str, n_dev: int, allow: bool) -> list[str] | None:
@@ -293,6 +295,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
 
     def check_workdir():
         nonlocal lock
+        if main and config.log.wandb_project:  # only process 0 talks to wandb
+            require_wandb()
         path = _prepare_workdir(workdir)
         if main:  # before anything in the workdir is read or written
             lock = WorkdirLock(path)
@@ -412,7 +416,14 @@ def _train(config, workdir, mesh, n_dev, changed, lock, stop, stop_at_step, stre
     # between the batches of every evaluation (a kNN pass over a large bank takes minutes; a
     # preempted TPU VM has about 30 s).
     stop_agreed = lambda: distributed.any_process(bool(stop))  # noqa: E731
+    wb = None
     try:
+        if config.log.wandb_project:  # process 0's, its refusal raised on every process
+            wb = _same_on_every_process(lambda: main and WandbWriter(
+                workdir, project=config.log.wandb_project, entity=config.log.wandb_entity,
+                name=config.log.wandb_name, config=json.loads(config.to_json_best_effort()))
+                or None)
+        scalar_writers = [w for w in (tb, wb) if w is not None]
         # Before the first step a SIGTERM ends the process at once (StopRequest.immediate):
         # these evaluations need not look at it.
         if start:
@@ -429,8 +440,8 @@ def _train(config, workdir, mesh, n_dev, changed, lock, stop, stop_at_step, stre
                     f"{last_knn:.4f}")
                 if main:
                     log.update(start, scores)
-                    if tb:
-                        tb.scalars(start, scores)
+                    for w in scalar_writers:
+                        w.scalars(start, scores)
         else:
             say(f"training {m.encoder} (width {m.width}) with "
                 f"{configuration.METHODS[config.method]} on {train_source.name}: "
@@ -438,10 +449,13 @@ def _train(config, workdir, mesh, n_dev, changed, lock, stop, stop_at_step, stre
                 f"steps/epoch) on {n_dev} {jax.devices()[0].platform} device(s); workdir "
                 f"{workdir}")
             if main:
-                preview.write_preview(files.join(workdir, "augment_preview.png"),
-                                      train_source, exp.recipe, d.out_size, seed=config.seed,
-                                      mode="device" if d.augment == "device" else "host",
-                                      image_size=d.image_size or None)
+                picture = preview.write_preview(
+                    files.join(workdir, "augment_preview.png"), train_source, exp.recipe,
+                    d.out_size, seed=config.seed,
+                    mode="device" if d.augment == "device" else "host",
+                    image_size=d.image_size or None)
+                if wb:
+                    wb.image(0, "images/augment_preview", picture)
             if knn_on:
                 t0 = time.perf_counter()
                 scores = evaluate_knn(state, None)
@@ -450,8 +464,8 @@ def _train(config, workdir, mesh, n_dev, changed, lock, stop, stop_at_step, stre
                     f"({time.perf_counter() - t0:.0f} s)")
                 if main:
                     log.write({"step": 0, "epoch": 0.0, **scores})
-                    if tb:
-                        tb.scalars(0, scores)
+                    for w in scalar_writers:
+                        w.scalars(0, {"epoch": 0.0, **scores})
         bar = ProgressBar(total_steps, config.batch_size, stream=stream) if main else None
         say.bar = bar
         batches = pipeline.make_pipeline(
@@ -513,8 +527,8 @@ def _train(config, workdir, mesh, n_dev, changed, lock, stop, stop_at_step, stre
                         stopping = save_now = True  # saved without it; evaluated on resume
                 if main:
                     log.write(record)
-                    if tb:
-                        tb.scalars(n, {k: v for k, v in record.items() if k != "step"})
+                    for w in scalar_writers:
+                        w.scalars(n, {k: v for k, v in record.items() if k != "step"})
                     if evaluated or not bar.live:
                         say(_log_line(record, total_steps, config.batch_size))
             if save_now and distributed.any_process(lock is not None and lock.lost):
@@ -553,6 +567,8 @@ def _train(config, workdir, mesh, n_dev, changed, lock, stop, stop_at_step, stre
         ckpt.close()
         if tb:
             tb.close()
+        if wb and sys.exc_info()[0] is not None:  # failed or interrupted: marked so in wandb
+            wb.close(exit_code=1)
         if bar:
             bar.close()
     records = log.read() if main else []
@@ -560,8 +576,13 @@ def _train(config, workdir, mesh, n_dev, changed, lock, stop, stop_at_step, stre
                 None)
     last = [r["eval/knn_top1"] for r in records if "eval/knn_top1" in r and r["step"] > 0]
     final_step = int(jax.device_get(state.step))
-    if main and plot_curves(records, files.join(workdir, "curves.png")) is None:
+    curves = plot_curves(records, files.join(workdir, "curves.png")) if main else None
+    if main and curves is None:
         say("note: curves.png not written: matplotlib is not installed")
+    if wb:
+        if curves:
+            wb.image(final_step, "images/curves", curves)
+        wb.close()
     result = RunResult(status, final_step, total_steps, last[-1] if last else None, init, state)
     if status == "done" and main:
         if result.knn_top1 is not None and init is not None:

@@ -1,7 +1,9 @@
-"""What a run writes for people: metrics.jsonl, TensorBoard events, a progress bar, curves.png.
+"""What a run writes for people: metrics.jsonl, TensorBoard events, a progress bar, curves.png,
+and, where the config names a project, a Weights & Biases run.
 
 None of it needs TensorFlow: TensorBoard event files are written here from tensorboard's
-protobufs (the TFRecord framing is 16 bytes around each record).
+protobufs (the TFRecord framing is 16 bytes around each record). wandb is imported only by
+`WandbWriter`, made only when log.wandb_project is set.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any, TextIO
 
 from jaxssl import files
 
-__all__ = ["MetricsLog", "TensorBoardWriter", "open_tensorboard", "ProgressBar", "plot_curves",
+__all__ = ["MetricsLog", "TensorBoardWriter", "open_tensorboard", "WandbWriter",
+           "require_wandb", "wandb_dir", "WANDB_RUN_ID", "ProgressBar", "plot_curves",
            "format_duration"]
 
 
@@ -174,6 +177,92 @@ def open_tensorboard(logdir: str) -> TensorBoardWriter | None:
     if importlib.util.find_spec("tensorboard") is None:
         return None
     return TensorBoardWriter(logdir)
+
+
+# The workdir's file holding the id of its wandb run: a resume continues that run.
+WANDB_RUN_ID = "wandb_run_id"
+# wandb's x-axis for every logged value: the training step, logged as a value (wandb's own
+# `_step` counts log calls and never goes back; a resume from an earlier checkpoint does).
+WANDB_STEP = "step"
+
+
+def require_wandb() -> None:
+    """ConfigError (one line) unless wandb can be imported."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError as e:
+        from jaxssl.configuration import ConfigError
+
+        raise ConfigError("log.wandb_project is set but wandb is not installed: "
+                          "pip install -e '.[wandb]' (or pip install wandb), or unset "
+                          "log.wandb_project") from e
+
+
+def wandb_dir(workdir: str) -> str:
+    """The local folder wandb writes under (its files go to `<folder>/wandb/`): the workdir
+    itself, or for a workdir in a bucket (wandb writes only local files) a folder named after
+    it under $XDG_CACHE_HOME or ~/.cache: `jaxssl/wandb/gs/bucket/path`."""
+    if not files.is_remote(workdir):
+        return workdir
+    scheme, _, rest = workdir.partition("://")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jaxssl", "wandb", scheme, *rest.strip("/").split("/"))
+
+
+class WandbWriter:
+    """The same scalars as metrics.jsonl, the config and pictures in a Weights & Biases run.
+
+    The run's id is kept in `<workdir>/wandb_run_id`, and a resume continues that run
+    (resume="allow"). Every value is plotted against WANDB_STEP, the training step logged as a
+    value: wandb cannot rewind, so the steps a stopped run logged past its last checkpoint
+    appear twice after a resume (metrics.jsonl keeps the resumed run's only). Made by process
+    0 alone. A wandb error at start-up (no API key, say) is a one-line ConfigError.
+    """
+
+    def __init__(self, workdir: str, *, project: str, entity: str = "", name: str = "",
+                 config: dict[str, Any] | None = None):
+        require_wandb()
+        import wandb
+
+        from jaxssl.configuration import ConfigError, _one_line
+
+        self._wandb = wandb
+        id_path = files.join(workdir, WANDB_RUN_ID)
+        run_id = files.read_text(id_path).strip() if files.exists(id_path) else None
+        local = wandb_dir(workdir)
+        os.makedirs(local, exist_ok=True)
+        try:
+            self._run = wandb.init(project=project, entity=entity or None, name=name or None,
+                                   id=run_id, resume="allow", dir=local, config=config,
+                                   allow_val_change=True)
+        except wandb.errors.Error as e:
+            raise ConfigError(f"wandb could not start a run in project {project!r}: "
+                              f"{_one_line(e)} (or run with WANDB_MODE=offline and `wandb "
+                              "sync` later)") from e
+        self.id = self._run.id
+        if run_id is None:
+            files.write_text(id_path, self.id)
+        self._run.define_metric(WANDB_STEP)
+        self._run.define_metric("*", step_metric=WANDB_STEP)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self._run.log({WANDB_STEP: step, **{k: float(v) for k, v in values.items()}})
+
+    def image(self, step: int, name: str, path: str) -> None:
+        """The PNG at `path` (local or in a bucket) as the image `name` of `step`."""
+        picture = path
+        if files.is_remote(path):  # wandb copies local files only
+            from PIL import Image
+
+            picture = Image.open(io.BytesIO(files.read_bytes(path)))
+        self._run.log({WANDB_STEP: step, name: self._wandb.Image(picture)})
+
+    def flush(self) -> None:
+        """Nothing to do: wandb's own process writes (and uploads) as values come."""
+
+    def close(self, exit_code: int = 0) -> None:
+        """End the run; a non-zero `exit_code` marks it failed (a resume continues it)."""
+        self._run.finish(exit_code=exit_code)
 
 
 def format_duration(seconds: float) -> str:
